@@ -1,0 +1,39 @@
+# Pegasus: `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PG_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+
+.PHONY: help run test test-pg lint fmt bench faults install
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install everything from pyproject.toml
+
+run: $(STAMP) ## migrate the embedded SQLite database, print a login and a token, serve on :8000
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py dev_setup
+	$(VENV)/bin/daphne -b 127.0.0.1 -p 8000 pegasus_site.asgi:application
+
+test: $(STAMP) ## the whole suite (DATABASE_URL=postgres://... runs it on PostgreSQL)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-pg: ## the whole suite on the local PostgreSQL
+	DATABASE_URL=$(PG_URL) $(MAKE) test
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+fmt: $(STAMP) ## format the code
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

@@ -1,0 +1,123 @@
+"""Pegasus settings. Everything an operator sets comes from the environment (docs/API.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEV_SECRET_KEY = "pegasus-development-key-not-for-production"
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+DEBUG = env_flag("PEGASUS_DEBUG", True)
+SECRET_KEY = os.environ.get("PEGASUS_SECRET_KEY", DEV_SECRET_KEY)
+ALLOWED_HOSTS = [
+    h.strip()
+    for h in os.environ.get("PEGASUS_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver").split(",")
+    if h.strip()
+]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "ninja",
+    "messaging",
+    "console",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "pegasus_site.urls"
+ASGI_APPLICATION = "pegasus_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'pegasus.sqlite3'}"
+_db = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN so
+    # two writers queue on the busy timeout instead of failing with "database is locked"
+    # when a read transaction tries to upgrade.
+    _db["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
+    }
+    _db["TEST"] = {"NAME": str(BASE_DIR / "test-pegasus.sqlite3")}
+else:
+    _db["CONN_HEALTH_CHECKS"] = True
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+LOGIN_URL = "/console/login/"
+
+# Typed broker options (messaging/conf.py reads these).
+PEGASUS = {
+    "DEFAULT_VISIBILITY_TIMEOUT_SECONDS": int(os.environ.get("PEGASUS_VISIBILITY_TIMEOUT", "30")),
+    "DEFAULT_MAX_DELIVERIES": int(os.environ.get("PEGASUS_MAX_DELIVERIES", "5")),
+    "DEFAULT_DEDUP_WINDOW_SECONDS": 600,
+    "DEFAULT_MAX_MESSAGE_BYTES": 1024 * 1024,
+    "MAX_BATCH_MESSAGES": 1000,
+    "MAX_REQUEST_BYTES": int(os.environ.get("PEGASUS_MAX_REQUEST_BYTES", str(16 * 1024 * 1024))),
+    "TRANSACTION_TIMEOUT_SECONDS": int(os.environ.get("PEGASUS_TRANSACTION_TIMEOUT", "60")),
+    "ACK_RETENTION_SECONDS": 300,
+    "MAINTENANCE_INTERVAL_SECONDS": 5,
+}
+DATA_UPLOAD_MAX_MEMORY_SIZE = PEGASUS["MAX_REQUEST_BYTES"]
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {"pegasus": {"handlers": ["console"], "level": "INFO", "propagate": False}},
+}
