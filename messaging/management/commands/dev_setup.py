@@ -11,7 +11,7 @@ from messaging import tokens
 
 
 class Command(BaseCommand):
-    help = "Development only: create an admin with a generated password if none exists; print the login and a new API token."
+    help = "Development only: create an admin (generated password) if none exists; print the login and a new token."
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not settings.DEBUG:

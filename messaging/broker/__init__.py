@@ -1,0 +1,100 @@
+"""THE CORE: the broker service layer. every delivery rule of Pegasus lives here (docs/API.md, "Concepts").
+
+Each public function is one synchronous operation that owns its database transaction and takes
+keyword-only arguments. REST, WebSocket, STOMP, the console, bridges and commands call these and
+nothing else writes messages or delivery state.
+
+Time-based rules need no daemon: lease expiry, delays and TTL are decided at query time inside
+`receive`; housekeeping (idle transactions, expired non-durable subscriptions, acked rows, old
+dedup records) is `run_maintenance`, which each server process runs on a timer
+(messaging/maintenance.py).
+
+Lock order, to stay free of deadlocks: transaction row, then delivery rows in id order, durable
+store before transient store. Claims use FOR UPDATE SKIP LOCKED, so consumers never wait on
+each other and never get the same row.
+
+Modules: common (stores, values, validation, shared locks), destinations, publishing,
+delivery (receive/ack/nack/extend/dead letters), transactions, housekeeping. Call them through
+this package: `from messaging import broker; broker.publish(...)`.
+"""
+
+from __future__ import annotations
+
+from messaging.broker.common import (
+    DURABLE,
+    MAX_DELAY_SECONDS,
+    STORES,
+    TRANSIENT,
+    OutgoingMessage,
+    PublishResult,
+    QueueSettings,
+    ReceivedMessage,
+    Store,
+    store_for,
+    validate_message,
+    validate_name,
+)
+from messaging.broker.delivery import ACK_OK, ACK_STALE, ack, extend, nack, receive, redrive, require_some_ok
+from messaging.broker.destinations import (
+    create_queue,
+    create_subscription,
+    create_topic,
+    delete_owned_subscriptions,
+    delete_queue,
+    delete_topic,
+    get_queue,
+    get_subscription,
+    get_topic,
+    keep_alive,
+    purge_queue,
+    set_paused,
+)
+from messaging.broker.housekeeping import MaintenanceReport, run_maintenance
+from messaging.broker.publishing import publish
+from messaging.broker.transactions import begin, commit, get_transaction, list_transactions, prepare, rollback
+from messaging.exceptions import StaleReceipt
+
+__all__ = [
+    "ACK_OK",
+    "ACK_STALE",
+    "DURABLE",
+    "MAX_DELAY_SECONDS",
+    "STORES",
+    "TRANSIENT",
+    "MaintenanceReport",
+    "OutgoingMessage",
+    "PublishResult",
+    "QueueSettings",
+    "ReceivedMessage",
+    "StaleReceipt",
+    "Store",
+    "ack",
+    "begin",
+    "commit",
+    "create_queue",
+    "create_subscription",
+    "create_topic",
+    "delete_owned_subscriptions",
+    "delete_queue",
+    "delete_topic",
+    "extend",
+    "get_queue",
+    "get_subscription",
+    "get_topic",
+    "get_transaction",
+    "keep_alive",
+    "list_transactions",
+    "nack",
+    "prepare",
+    "publish",
+    "purge_queue",
+    "receive",
+    "redrive",
+    "require_some_ok",
+    "rollback",
+    "run_maintenance",
+    "set_paused",
+    "store_for",
+    "validate_message",
+    "validate_name",
+]

@@ -1,0 +1,202 @@
+"""Publish to a queue or topic: all or nothing, deduplicated, durable before it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connection, transaction
+
+from messaging import clock, conf, events, filters
+from messaging.broker.common import (
+    OutgoingMessage,
+    PublishResult,
+    Store,
+    _lock_transaction,
+    store_for,
+    validate_message,
+)
+from messaging.exceptions import (
+    BatchTooLarge,
+    InvalidRequest,
+)
+from messaging.models import (
+    DedupRecord,
+    MessageBase,
+    Queue,
+    State,
+    Topic,
+    TxState,
+)
+
+# --------------------------------------------------------------------------- publish
+
+
+def publish(
+    *,
+    queue: Queue | None = None,
+    topic: Topic | None = None,
+    messages: Sequence[OutgoingMessage],
+    transaction_id: str | None = None,
+    user: Any = None,
+) -> list[PublishResult]:
+    """Publish a batch to a queue or a topic, all or nothing.
+
+    Returns when the messages are committed (durable ones to disk). A message whose dedup_id was
+    seen on this destination within its dedup window is answered with the first message's id
+    and `duplicate=True`, and nothing is enqueued for it. Inside a transaction the messages are
+    staged: invisible until commit, gone on rollback.
+    """
+    if (queue is None) == (topic is None):
+        raise InvalidRequest("Publish to exactly one queue or topic.")
+    limits = conf.get()
+    if not messages:
+        raise InvalidRequest("A publish needs at least one message.")
+    if len(messages) > limits.max_batch_messages:
+        raise BatchTooLarge(f"At most {limits.max_batch_messages} messages per batch.")
+    max_bytes = queue.max_message_bytes if queue is not None else limits.default_max_message_bytes
+    for msg in messages:
+        validate_message(msg, max_bytes=max_bytes)
+    window = queue.dedup_window_seconds if queue is not None else limits.default_dedup_window_seconds
+    destination = f"queue:{queue.name}" if queue is not None else f"topic:{topic.name}"  # type: ignore[union-attr]
+    with transaction.atomic():
+        if transaction_id is not None:
+            _lock_transaction(transaction_id, user=user, states=(TxState.OPEN,))
+        now = clock.now()
+        targets = [queue] if queue is not None else list(Queue.objects.filter(topic=topic).order_by("pk"))
+        results = _publish_locked(
+            destination=destination, targets=targets, messages=messages, window=window,
+            transaction_id=transaction_id, now=now,
+        )  # fmt: skip
+    return results
+
+
+def _publish_locked(
+    *,
+    destination: str,
+    targets: list[Queue],
+    messages: Sequence[OutgoingMessage],
+    window: int,
+    transaction_id: str | None,
+    now: datetime,
+) -> list[PublishResult]:
+    results: list[PublishResult | None] = [None] * len(messages)
+    first_in_batch: dict[str, int] = {}
+    fresh: list[int] = []  # indexes of messages to enqueue
+    for i, msg in enumerate(messages):
+        if msg.dedup_id is not None and msg.dedup_id in first_in_batch:
+            continue  # a repeat inside this batch: answered from the first below
+        if msg.dedup_id is not None:
+            first_in_batch[msg.dedup_id] = i
+        fresh.append(i)
+
+    rows_by_store: dict[Store, list[tuple[int, MessageBase]]] = {}
+    for i in fresh:
+        msg = messages[i]
+        store = store_for(msg.durable)
+        row = store.message(
+            body=msg.body,
+            content_type=msg.content_type,
+            headers=msg.headers,
+            priority=msg.priority,
+            dedup_id=msg.dedup_id or "",
+            destination=destination,
+            published_at=now,
+            expires_at=now + timedelta(seconds=msg.ttl_seconds) if msg.ttl_seconds else None,
+        )
+        rows_by_store.setdefault(store, []).append((i, row))
+    for store, rows in rows_by_store.items():
+        store.message.objects.bulk_create([row for _, row in rows])  # type: ignore[attr-defined]
+        for i, row in rows:
+            results[i] = PublishResult(id=store.public_id(row.pk), duplicate=False)
+
+    duplicates = _claim_dedup_ids(
+        destination=destination,
+        claims={messages[i].dedup_id: results[i].id for i in fresh if messages[i].dedup_id},  # type: ignore[union-attr,misc]
+        window=window,
+        now=now,
+    )
+    if duplicates:
+        for store, rows in rows_by_store.items():
+            dropped = [row.pk for i, row in rows if messages[i].dedup_id in duplicates]
+            if dropped:
+                store.message.objects.filter(pk__in=dropped).delete()  # type: ignore[attr-defined]
+            rows_by_store[store] = [(i, row) for i, row in rows if messages[i].dedup_id not in duplicates]
+        for i in fresh:
+            dedup_id = messages[i].dedup_id
+            if dedup_id in duplicates:
+                results[i] = PublishResult(id=duplicates[dedup_id], duplicate=True)
+    for i, msg in enumerate(messages):
+        if results[i] is None:
+            first = results[first_in_batch[msg.dedup_id]]  # type: ignore[index]
+            results[i] = PublishResult(id=first.id, duplicate=True)  # type: ignore[union-attr]
+
+    touched = _create_deliveries(rows_by_store, messages, targets, transaction_id, now)
+    if transaction_id is None:
+        events.notify_on_commit(touched)
+    return results  # type: ignore[return-value]
+
+
+def _create_deliveries(
+    rows_by_store: dict[Store, list[tuple[int, MessageBase]]],
+    messages: Sequence[OutgoingMessage],
+    targets: list[Queue],
+    transaction_id: str | None,
+    now: datetime,
+) -> set[int]:
+    touched: set[int] = set()
+    state = State.STAGED if transaction_id is not None else State.READY
+    for store, rows in rows_by_store.items():
+        deliveries = []
+        for i, row in rows:
+            msg = messages[i]
+            for target in targets:
+                if not filters.matches(target.filter, msg.headers):
+                    continue
+                touched.add(target.pk)
+                deliveries.append(
+                    store.delivery(
+                        message_id=row.pk,
+                        queue_id=target.pk,
+                        state=state,
+                        priority=msg.priority,
+                        visible_at=now + timedelta(seconds=msg.delay_seconds),
+                        expires_at=row.expires_at,
+                        transaction_id=transaction_id,
+                    )
+                )
+        store.delivery.objects.bulk_create(deliveries, batch_size=1000)  # type: ignore[attr-defined]
+    return touched
+
+
+def _claim_dedup_ids(*, destination: str, claims: dict[str, str], window: int, now: datetime) -> dict[str, str]:
+    """Record dedup ids for this destination; return {dedup_id: first id} for those already seen
+    within the window. The unique index makes a concurrent publisher of the same dedup_id wait
+    for ours to commit, then see it as a duplicate."""
+    if not claims:
+        return {}
+    table = DedupRecord._meta.db_table
+    cutoff = now - timedelta(seconds=window)
+    values = ", ".join(["(%s, %s, %s, %s)"] * len(claims))
+    params: list[Any] = []
+    for dedup_id, message_id in claims.items():
+        params += [destination, dedup_id, message_id, _db_datetime(now)]
+    sql = (
+        f"INSERT INTO {table} (destination, dedup_id, message_id, created_at) VALUES {values} "
+        f"ON CONFLICT (destination, dedup_id) DO UPDATE SET message_id = excluded.message_id, "
+        f"created_at = excluded.created_at WHERE {table}.created_at < %s RETURNING dedup_id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, _db_datetime(cutoff)])
+        claimed = {row[0] for row in cursor.fetchall()}
+    seen = [d for d in claims if d not in claimed]
+    if not seen:
+        return {}
+    return dict(
+        DedupRecord.objects.filter(destination=destination, dedup_id__in=seen).values_list("dedup_id", "message_id")
+    )
+
+
+def _db_datetime(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
