@@ -80,9 +80,12 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
     }
-    _db["TEST"] = {"NAME": str(BASE_DIR / "test-pegasus.sqlite3")}
+    # A file, not :memory:, so that daphne processes started by tests share it.
+    _db["TEST"] = {"NAME": str(BASE_DIR / f"test-{os.environ.get('PEGASUS_TEST_DB_NAME', 'pegasus')}.sqlite3")}
 else:
     _db["CONN_HEALTH_CHECKS"] = True
+    if os.environ.get("PEGASUS_TEST_DB_NAME"):  # lets several test runs share one server
+        _db["TEST"] = {"NAME": os.environ["PEGASUS_TEST_DB_NAME"]}
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
