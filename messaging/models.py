@@ -89,7 +89,7 @@ class PointToPointManager(models.Manager["Queue"]):
 class Subscription(Queue):
     """A topic subscription (a Queue row with a topic), as its own model for the console."""
 
-    objects = SubscriptionManager()  # type: ignore[assignment,misc]
+    objects = SubscriptionManager()  # type: ignore[misc]
 
     class Meta:
         proxy = True

@@ -21,10 +21,8 @@ from messaging.exceptions import (
 from messaging.models import (
     NAME_PATTERN,
     Delivery,
-    DeliveryBase,
     ExpiredAction,
     Message,
-    MessageBase,
     Queue,
     Transaction,
     TransientDelivery,
@@ -44,14 +42,14 @@ class Store:
     """Where a message lives: durable (logged) or transient (UNLOGGED on PostgreSQL)."""
 
     code: str
-    message: type[MessageBase]
-    delivery: type[DeliveryBase]
+    message: type[Any]  # Message or TransientMessage (Any: the two share fields, not a base manager)
+    delivery: type[Any]  # Delivery or TransientDelivery
 
     def public_id(self, pk: int) -> str:
         return str(pk) if self is DURABLE else f"t{pk}"
 
     def deliveries(self) -> QuerySet[Any]:
-        return self.delivery.objects.all()  # type: ignore[attr-defined,no-any-return]
+        return self.delivery.objects.all()  # type: ignore[no-any-return]
 
 
 DURABLE = Store("d", Message, Delivery)

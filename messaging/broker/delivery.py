@@ -196,7 +196,7 @@ def _delete_deliveries(store: Store, deliveries: QuerySet[Any], *, skip_locked: 
             return deleted
         store.deliveries().filter(pk__in=[pk for pk, _ in chunk]).delete()
         message_ids = sorted({mid for _, mid in chunk})
-        store.message.objects.filter(pk__in=message_ids).exclude(  # type: ignore[attr-defined]
+        store.message.objects.filter(pk__in=message_ids).exclude(
             pk__in=store.deliveries().filter(message_id__in=message_ids).values("message_id")
         ).delete()
         deleted += len(chunk)
@@ -315,7 +315,7 @@ def _partition_held(
     held: dict[tuple[Store, int], list[int]] = {}
     for p in parsed:
         row = rows.get((p[0].code, p[1])) if p else None
-        if p is not None and _holds_lease(row, p[2], now):
+        if p is not None and row is not None and _holds_lease(row, p[2], now):
             statuses.append(ACK_OK)
             held.setdefault((p[0], row.queue_id), []).append(row.pk)
         else:

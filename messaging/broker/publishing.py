@@ -107,7 +107,7 @@ def _publish_locked(
         )
         rows_by_store.setdefault(store, []).append((i, row))
     for store, rows in rows_by_store.items():
-        store.message.objects.bulk_create([row for _, row in rows])  # type: ignore[attr-defined]
+        store.message.objects.bulk_create([row for _, row in rows])
         for i, row in rows:
             results[i] = PublishResult(id=store.public_id(row.pk), duplicate=False)
 
@@ -121,7 +121,7 @@ def _publish_locked(
         for store, rows in rows_by_store.items():
             dropped = [row.pk for i, row in rows if messages[i].dedup_id in duplicates]
             if dropped:
-                store.message.objects.filter(pk__in=dropped).delete()  # type: ignore[attr-defined]
+                store.message.objects.filter(pk__in=dropped).delete()
             rows_by_store[store] = [(i, row) for i, row in rows if messages[i].dedup_id not in duplicates]
         for i in fresh:
             dedup_id = messages[i].dedup_id
@@ -166,7 +166,7 @@ def _create_deliveries(
                         transaction_id=transaction_id,
                     )
                 )
-        store.delivery.objects.bulk_create(deliveries, batch_size=1000)  # type: ignore[attr-defined]
+        store.delivery.objects.bulk_create(deliveries, batch_size=1000)
     return touched
 
 
