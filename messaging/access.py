@@ -1,19 +1,26 @@
 """Who may do what: the ONE permission decision every interface goes through.
 
 REST, WebSocket, STOMP, console actions and bridges call `require()` (or an `access_*` fetch that
-calls it) before any broker operation. Admins (superusers) may do everything. Ordinary users may
-send and consume; managing destinations (create, delete, purge, redrive) and browsing are for
-admins. Per-destination rules plug in here.
+calls it) before any broker operation. Admins (superusers) may do everything. Everyone else may
+do exactly what their AccessRule rows (their own and their groups') grant on destinations
+matching the rule's pattern, and nothing by default. Actions:
+  send     publish to a queue or topic
+  consume  receive/ack from a queue; create, use and delete subscriptions of a topic
+  browse   look at messages without consuming
+  manage   create, delete, purge, redrive, pause a destination
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
+
+from django.db.models import Q
 
 from messaging import broker
 from messaging.exceptions import NotAuthenticated, PermissionDenied
-from messaging.models import Queue, Topic
+from messaging.models import AccessRule, Queue, RuleKind, Topic
 
 
 class Action(StrEnum):
@@ -34,7 +41,26 @@ def can(user: Any, action: Action, *, kind: Kind, name: str) -> bool:
         return False
     if user.is_superuser:
         return True
-    return action in (Action.SEND, Action.CONSUME)
+    rules = AccessRule.objects.filter(Q(user=user) | Q(group__in=user.groups.all()), **{action.value: True})
+    rules = rules.filter(kind__in=[RuleKind.ANY, kind.value])
+    return any(pattern_matches(pattern, name) for pattern in rules.values_list("pattern", flat=True))
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """RabbitMQ/Artemis wildcards on dot-separated words: `*` one word, `#` zero or more."""
+    return _match(tuple(pattern.split(".")), tuple(name.split(".")))
+
+
+@lru_cache(maxsize=4096)
+def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return _match(rest, words) or (bool(words) and _match(pattern, words[1:]))
+    if not words:
+        return False
+    return head in ("*", words[0]) and _match(rest, words[1:])
 
 
 def require(user: Any, action: Action, *, kind: Kind, name: str) -> None:
@@ -61,3 +87,11 @@ def access_subscription(*, user: Any, topic: str, name: str, action: Action) -> 
     broker.validate_name(name)
     require(user, action, kind=Kind.TOPIC, name=topic)
     return broker.get_subscription(topic=topic, name=name)
+
+
+def grant(
+    *, pattern: str, actions: list[Action] | list[str], user: Any = None, group: Any = None, kind: str = RuleKind.ANY
+) -> AccessRule:
+    """Add a rule granting `actions` on destinations matching `pattern` (tests, setup scripts)."""
+    flags = {action: action in {Action(a) for a in actions} for action in Action}
+    return AccessRule.objects.create(user=user, group=group, kind=kind, pattern=pattern, **flags)

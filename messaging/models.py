@@ -21,6 +21,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 
 class Topic(models.Model):
     name = models.CharField(max_length=200, unique=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -254,3 +255,45 @@ class Consumer(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["heartbeat_at"], name="consumer_heartbeat")]
+
+
+class RuleKind(models.TextChoices):
+    ANY = "any"
+    QUEUE = "queue"
+    TOPIC = "topic"
+
+
+class AccessRule(models.Model):
+    """Grants a user or a group actions on destinations whose names match `pattern`.
+
+    Patterns follow RabbitMQ/Artemis topic wildcards on dot-separated words: `*` matches exactly
+    one word, `#` zero or more words (`orders.*`, `orders.#`, `#`). Admins need no rules; a user
+    without any matching rule may do nothing (messaging/access.py).
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="access_rules"
+    )
+    group = models.ForeignKey(
+        "auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="access_rules"
+    )
+    kind = models.CharField(max_length=10, choices=RuleKind.choices, default=RuleKind.ANY)
+    pattern = models.CharField(max_length=200, help_text="e.g. orders.*, orders.#, # (everything)")
+    send = models.BooleanField(default=False)
+    consume = models.BooleanField(default=False)
+    browse = models.BooleanField(default=False)
+    manage = models.BooleanField(default=False, help_text="create, delete, purge, redrive")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(user__isnull=False, group__isnull=True) | Q(user__isnull=True, group__isnull=False),
+                name="access_rule_user_xor_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        who = f"user {self.user}" if self.user_id else f"group {self.group}"
+        granted = [a for a in ("send", "consume", "browse", "manage") if getattr(self, a)]
+        return f"{who}: {', '.join(granted) or 'nothing'} on {self.kind} {self.pattern}"

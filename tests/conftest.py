@@ -50,6 +50,16 @@ def mallory(django_user_model: Any) -> Any:
 
 
 @pytest.fixture
+def grant() -> Callable[..., Any]:
+    """grant(bob, "orders.*", "send", "consume") adds an access rule for a user."""
+    from messaging import access
+
+    return lambda user, pattern, *actions, kind="any": access.grant(
+        user=user, pattern=pattern, actions=list(actions), kind=kind
+    )
+
+
+@pytest.fixture
 def token_for() -> Callable[[Any], str]:
     return lambda user: tokens.create_token(user=user)
 
