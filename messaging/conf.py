@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 
@@ -18,10 +19,15 @@ class BrokerSettings:
     transaction_timeout_seconds: int
     ack_retention_seconds: int
     maintenance_interval_seconds: int
+    publish_rate_per_token: float = 2000.0
+    publish_burst_per_token: int = 5000
+    rate_limit_admins: bool = False
+    max_connections_per_user: int = 100
+    max_destinations_per_user: int = 1000
 
 
 def get() -> BrokerSettings:
-    raw = settings.PEGASUS
+    raw: dict[str, Any] = settings.PEGASUS
     return BrokerSettings(**{key.lower(): value for key, value in raw.items() if key.lower() in _FIELDS})
 
 

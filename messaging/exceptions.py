@@ -9,9 +9,12 @@ class BrokerError(Exception):
 
     code = "broker_error"
     status = 400
+    retry_after: float | None = None  # seconds; sent as Retry-After (429, 503)
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
         self.message = message or (self.__doc__ or self.code).strip()
+        if retry_after is not None:
+            self.retry_after = retry_after
         super().__init__(self.message)
 
 
@@ -128,3 +131,4 @@ class Unavailable(BrokerError):
 
     code = "unavailable"
     status = 503
+    retry_after = 1.0

@@ -20,6 +20,7 @@ from messaging.broker.common import (
 from messaging.broker.delivery import _delete_deliveries
 from messaging.exceptions import (
     NameTaken,
+    OverQuota,
     QueueNotFound,
     SubscriptionNotFound,
     TopicNotFound,
@@ -82,6 +83,7 @@ def create_queue(*, name: str, settings: QueueSettings | None = None, user: Any 
             return existing, False
         try:
             with transaction.atomic():
+                _check_destination_quota(user)
                 queue = Queue.objects.create(name=name, created_by=_user_or_none(user), **_settings_fields(s))
         except IntegrityError:  # created concurrently: same answer as above
             existing = Queue.objects.get(topic__isnull=True, name=name)
@@ -138,13 +140,27 @@ def set_paused(*, queue: Queue, paused: bool) -> None:
             events.notify_on_commit([queue.pk])
 
 
-def create_topic(*, name: str) -> tuple[Topic, bool]:
+def create_topic(*, name: str, user: Any = None) -> tuple[Topic, bool]:
     validate_name(name)
+    existing = Topic.objects.filter(name=name).first()
+    if existing is not None:
+        return existing, False
+    _check_destination_quota(user)
     try:
         with transaction.atomic():
-            return Topic.objects.get_or_create(name=name)
+            return Topic.objects.get_or_create(name=name, defaults={"created_by": _user_or_none(user)})
     except IntegrityError:
         return Topic.objects.get(name=name), False
+
+
+def _check_destination_quota(user: Any) -> None:
+    """Non-admins may own at most MAX_DESTINATIONS_PER_USER queues, topics and subscriptions."""
+    if user is None or getattr(user, "pk", None) is None or getattr(user, "is_superuser", False):
+        return
+    limit = conf.get().max_destinations_per_user
+    owned = Queue.objects.filter(created_by=user).count() + Topic.objects.filter(created_by=user).count()
+    if owned >= limit:
+        raise OverQuota(f"At most {limit} destinations per user.")
 
 
 def delete_topic(*, topic: Topic) -> None:
@@ -187,6 +203,7 @@ def create_subscription(
         expires_at = clock.now() + timedelta(seconds=expires_after_seconds) if expires_after_seconds else None
         try:
             with transaction.atomic():
+                _check_destination_quota(user)
                 sub = Queue.objects.create(
                     name=name,
                     topic=topic,
