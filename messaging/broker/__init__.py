@@ -50,6 +50,13 @@ from messaging.broker.destinations import (
     set_paused,
 )
 from messaging.broker.housekeeping import MaintenanceReport, run_maintenance
+from messaging.broker.operator import (
+    delete_messages,
+    move_messages,
+    parse_cursors,
+    retry_dead_letters,
+    set_priority,
+)
 from messaging.broker.publishing import publish
 from messaging.broker.transactions import begin, commit, get_transaction, list_transactions, prepare, rollback
 from messaging.exceptions import StaleReceipt
@@ -74,6 +81,7 @@ __all__ = [
     "create_queue",
     "create_subscription",
     "create_topic",
+    "delete_messages",
     "delete_owned_subscriptions",
     "delete_queue",
     "delete_topic",
@@ -84,16 +92,20 @@ __all__ = [
     "get_transaction",
     "keep_alive",
     "list_transactions",
+    "move_messages",
     "nack",
+    "parse_cursors",
     "prepare",
     "publish",
     "purge_queue",
     "receive",
     "redrive",
     "require_some_ok",
+    "retry_dead_letters",
     "rollback",
     "run_maintenance",
     "set_paused",
+    "set_priority",
     "store_for",
     "validate_message",
     "validate_name",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models import F, Q, QuerySet
 
-from messaging import clock, conf, events
+from messaging import clock, conf, events, metrics
 from messaging.broker.common import (
     DURABLE,
     MAX_DELAY_SECONDS,
@@ -63,6 +64,7 @@ def receive(
             _expire_leases(store, queue, now)
             _expire_messages(store, queue, now)
         chosen = _choose(queue, max_messages, now)
+        metrics.count_queues_on_commit(metrics.DELIVERED, {queue.pk: len(chosen)})
         return _lease(queue, chosen, now + timedelta(seconds=vt))
 
 
@@ -271,6 +273,9 @@ def ack(*, receipts: Sequence[str], transaction_id: str | None = None, user: Any
                 to_ack.setdefault(p[0], []).append(row.pk)
             else:
                 statuses.append(ACK_STALE)
+        metrics.count_queues_on_commit(
+            metrics.ACKED, Counter(rows[(store.code, pk)].queue_id for store, ids in to_ack.items() for pk in ids)
+        )
         for store, ids in to_ack.items():
             if transaction_id is not None:
                 store.deliveries().filter(pk__in=ids).update(transaction_id=transaction_id)

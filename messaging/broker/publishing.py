@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
 
-from messaging import clock, conf, events, filters
+from messaging import clock, conf, events, filters, metrics
 from messaging.broker.common import (
     OutgoingMessage,
     PublishResult,
@@ -69,6 +70,9 @@ def publish(
             destination=destination, targets=targets, messages=messages, window=window,
             transaction_id=transaction_id, now=now,
         )  # fmt: skip
+        fresh = sum(not r.duplicate for r in results)
+        per_key = {metrics.BROKER: fresh, **({("topic", topic.pk): fresh} if topic is not None else {})}
+        metrics.count_on_commit(metrics.PUBLISHED, per_key)
     return results
 
 
@@ -146,6 +150,7 @@ def _create_deliveries(
     now: datetime,
 ) -> set[int]:
     touched: set[int] = set()
+    routed: Counter[int] = Counter()
     state = State.STAGED if transaction_id is not None else State.READY
     for store, rows in rows_by_store.items():
         deliveries = []
@@ -167,6 +172,9 @@ def _create_deliveries(
                     )
                 )
         store.delivery.objects.bulk_create(deliveries, batch_size=1000)
+        routed.update(d.queue_id for d in deliveries)
+    # Console rates: an in-memory add after commit, no extra write (messaging/metrics.py).
+    metrics.count_queues_on_commit(metrics.PUBLISHED, routed, broker_total=False)
     return touched
 
 
