@@ -29,6 +29,15 @@ def _reset_clock() -> Iterator[None]:
     clock.reset()
 
 
+@pytest.fixture(autouse=True)
+def _stop_listener() -> Iterator[None]:
+    """A test that started the LISTEN connection closes it, or the test database cannot be dropped."""
+    yield
+    from messaging import listener
+
+    listener.stop()
+
+
 @pytest.fixture
 def on_postgres() -> bool:
     return connection.vendor == "postgresql"

@@ -1,0 +1,83 @@
+"""The LISTEN/NOTIFY listener: notifications from other sessions ring this process's doorbell."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connection
+
+from messaging import listener
+from messaging.doorbell import doorbell
+from messaging.events import CHANNEL
+
+
+def test_parse_payload__keeps_ids_and_ignores_junk():
+    assert listener.parse_payload("12,34") == [12, 34]
+    assert listener.parse_payload("") == []
+    assert listener.parse_payload("7,x, 8 ,-1") == [7, 8]
+
+
+@pytest.mark.django_db
+async def test_ensure_started__listens_only_on_postgres():
+    listener.ensure_started()
+    assert await listener.wait_listening(5) == (connection.vendor == "postgresql")
+
+
+def _notify(payload: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload])
+
+
+def _kill_listener_sessions() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'pegasus-listener' AND datname = current_database()"
+        )
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+async def test_listener__rings_the_doorbell_on_notify():
+    listener.ensure_started()
+    listener.ensure_started()  # idempotent
+    assert await listener.wait_listening(10)
+    waiter = asyncio.ensure_future(doorbell.wait([424242], timeout=10))
+    await asyncio.sleep(0)
+    await database_sync_to_async(_notify)("1,424242")
+    assert await waiter
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+async def test_listener__reconnects_after_its_session_is_killed():
+    listener.ensure_started()
+    assert await listener.wait_listening(10)
+    before = listener.listener.connections_made
+    assert await database_sync_to_async(_kill_listener_sessions)() == 1
+    for _ in range(100):  # reconnects after a short backoff
+        if listener.listener.connections_made > before and listener.listener.is_listening:
+            break
+        await asyncio.sleep(0.05)
+    assert listener.listener.connections_made == before + 1
+    waiter = asyncio.ensure_future(doorbell.wait([515151], timeout=10))
+    await asyncio.sleep(0)
+    await database_sync_to_async(_notify)("515151")
+    assert await waiter
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_stop__closes_the_connection():
+    listener.ensure_started()
+    assert asyncio.run(listener.wait_listening(10))
+    listener.stop()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pegasus-listener' "
+            "AND datname = current_database()"
+        )
+        assert cursor.fetchone()[0] == 0
