@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -26,6 +27,26 @@ ALLOWED_HOSTS = [
     for h in os.environ.get("PEGASUS_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver").split(",")
     if h.strip()
 ]
+
+if not DEBUG:
+    # Production refuses to start on development defaults (docs/security.md).
+    if SECRET_KEY == DEV_SECRET_KEY or len(SECRET_KEY) < 50:
+        raise ImproperlyConfigured("Set PEGASUS_SECRET_KEY to a random value of 50+ characters in production.")
+    if any(h == "*" or h.startswith("*") for h in ALLOWED_HOSTS) or not ALLOWED_HOSTS:
+        raise ImproperlyConfigured("Set PEGASUS_ALLOWED_HOSTS to your host names (no wildcard) in production.")
+    SECURE_SSL_REDIRECT = env_flag("PEGASUS_SSL_REDIRECT", True)
+    if env_flag("PEGASUS_BEHIND_TLS_PROXY", False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = int(os.environ.get("PEGASUS_HSTS_SECONDS", str(365 * 24 * 3600)))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("PEGASUS_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 INSTALLED_APPS = [
     "daphne",
@@ -114,8 +135,15 @@ PEGASUS = {
     "TRANSACTION_TIMEOUT_SECONDS": int(os.environ.get("PEGASUS_TRANSACTION_TIMEOUT", "60")),
     "ACK_RETENTION_SECONDS": 300,
     "MAINTENANCE_INTERVAL_SECONDS": 5,
+    # Limits (docs/security.md). Rates are per token and per server process.
+    "PUBLISH_RATE_PER_TOKEN": float(os.environ.get("PEGASUS_PUBLISH_RATE", "2000")),  # messages/s
+    "PUBLISH_BURST_PER_TOKEN": int(os.environ.get("PEGASUS_PUBLISH_BURST", "5000")),
+    "RATE_LIMIT_ADMINS": env_flag("PEGASUS_RATE_LIMIT_ADMINS", False),
+    "MAX_CONNECTIONS_PER_USER": int(os.environ.get("PEGASUS_MAX_CONNECTIONS_PER_USER", "100")),
+    "MAX_DESTINATIONS_PER_USER": int(os.environ.get("PEGASUS_MAX_DESTINATIONS_PER_USER", "1000")),
 }
 DATA_UPLOAD_MAX_MEMORY_SIZE = PEGASUS["MAX_REQUEST_BYTES"]
+
 
 LOGGING = {
     "version": 1,
