@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "channels",
     "ninja",
     "messaging",
+    "messaging.bridges",
     "console",
 ]
 
@@ -143,6 +144,14 @@ PEGASUS = {
     "MAX_DESTINATIONS_PER_USER": int(os.environ.get("PEGASUS_MAX_DESTINATIONS_PER_USER", "1000")),
 }
 DATA_UPLOAD_MAX_MEMORY_SIZE = PEGASUS["MAX_REQUEST_BYTES"]
+
+# Bridges (messaging/bridges/conf.py, docs/bridges.md). TARGETS: the only base URLs a bridge may
+# contact, comma-separated; empty means bridges can be configured but forward nowhere.
+PEGASUS_BRIDGES = {
+    "TARGETS": [u.strip() for u in os.environ.get("PEGASUS_BRIDGE_TARGETS", "").split(",") if u.strip()],
+    "REQUEST_TIMEOUT_SECONDS": float(os.environ.get("PEGASUS_BRIDGE_TIMEOUT", "15")),
+    "BACKOFF_MAX_SECONDS": float(os.environ.get("PEGASUS_BRIDGE_BACKOFF_MAX", "30")),
+}
 
 
 LOGGING = {
