@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PG_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 
-.PHONY: help run test test-pg lint fmt bench faults install
+.PHONY: help run test test-pg lint fmt bench bench-smoke faults install
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -37,3 +37,9 @@ lint: $(STAMP) ## ruff and mypy
 fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP) ## the full benchmark (~15 min): PostgreSQL, RabbitMQ and Pegasus side by side, into bench/results/
+	$(PY) -m bench.run
+
+bench-smoke: $(STAMP) ## a seconds-long run of the benchmark (CI)
+	$(PY) -m bench.run --smoke

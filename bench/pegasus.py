@@ -1,0 +1,295 @@
+"""Pegasus measurements over REST (bench.http) and WebSocket (websockets), against bench.server.
+
+Every stage makes its own queue or topic, so stages never see each other's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from typing import Any
+
+from bench.common import BODY, Result, Scale, percentile
+from bench.http import Client
+from bench.server import Server
+
+API = "/api/v1"
+_names = itertools.count(1)
+
+
+class Pegasus:
+    """Connections to one running server."""
+
+    def __init__(self, server: Server, token: str) -> None:
+        self.server, self.token = server, token
+        self.admin = self.client()
+
+    def client(self) -> Client:
+        return Client("127.0.0.1", self.server.port, self.token)
+
+    async def new_queue(self, prefix: str) -> str:
+        name = f"{prefix}-{next(_names)}"
+        await self.admin.request("POST", f"{API}/queues", {"name": name}, expect=(201,))
+        return name
+
+    async def new_topic(self, prefix: str, subscriptions: int) -> tuple[str, list[str]]:
+        name = f"{prefix}-{next(_names)}"
+        await self.admin.request("POST", f"{API}/topics", {"name": name}, expect=(201,))
+        subs = [f"s{i}" for i in range(subscriptions)]
+        for sub in subs:
+            await self.admin.request(
+                "POST", f"{API}/topics/{name}/subscriptions", {"name": sub, "durable": True}, expect=(201,)
+            )
+        return name, subs
+
+
+def _batch(size: int, *, durable: bool = True) -> dict[str, Any]:
+    return {"messages": [{"body": BODY, "durable": durable} for _ in range(size)]}
+
+
+async def _publish_loop(peg: Pegasus, path: str, payload: dict[str, Any], n: int, deadline: float) -> int:
+    client = peg.client()
+    done = 0
+    try:
+        while time.perf_counter() < deadline:
+            answer = await client.request("POST", path, payload, expect=(201,))
+            assert len(answer["messages"]) == n, answer
+            done += n
+    finally:
+        await client.close()
+    return done
+
+
+async def _publish_for(
+    peg: Pegasus, path: str, payload: dict[str, Any], n: int, clients: int, secs: float
+) -> tuple[int, float]:
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(_publish_loop(peg, path, payload, n, start + secs) for _ in range(clients)))
+    return sum(counts), time.perf_counter() - start
+
+
+async def publish_single(peg: Pegasus, scale: Scale, *, clients: int = 8) -> Result:
+    queue = await peg.new_queue("single")
+    n, secs = await _publish_for(peg, f"{API}/queues/{queue}/messages", {"body": BODY}, 1, clients, scale.seconds)
+    return Result("durable publish, 1 per request", "pegasus", n, secs, {"clients": clients, "interface": "REST"})
+
+
+async def publish_batch(
+    peg: Pegasus, scale: Scale, *, durable: bool = True, clients: int = 1, size: int = 100
+) -> Result:
+    queue = await peg.new_queue("batch")
+    path = f"{API}/queues/{queue}/messages"
+    n, secs = await _publish_for(peg, path, _batch(size, durable=durable), size, clients, scale.seconds)
+    name = f"{'durable' if durable else 'non-durable'} publish, batch {size}"
+    return Result(name, "pegasus", n, secs, {"clients": clients, "batch": size, "interface": "REST"})
+
+
+async def fan_out(peg: Pegasus, scale: Scale, *, subscriptions: int = 10, clients: int = 1) -> Result:
+    topic, _ = await peg.new_topic("fanout", subscriptions)
+    n, secs = await _publish_for(peg, f"{API}/topics/{topic}/messages", _batch(100), 100, clients, scale.seconds)
+    extra = {
+        "subscriptions": subscriptions,
+        "batch": 100,
+        "clients": clients,
+        "deliveries_per_s": n * subscriptions / secs,
+    }
+    return Result(f"fan-out to {subscriptions} subscriptions, batch 100", "pegasus", n, secs, extra)
+
+
+async def fill(peg: Pegasus, queue: str, count: int, *, clients: int = 2, size: int = 1000) -> float:
+    """Publish `count` durable messages in batches of `size` from `clients` connections; seconds taken."""
+    batches = [min(size, count - i) for i in range(0, count, size)]
+    todo = iter(batches)
+
+    async def worker() -> None:
+        client = peg.client()
+        for n in todo:
+            await client.request("POST", f"{API}/queues/{queue}/messages", _batch(n), expect=(201,))
+        await client.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - start
+
+
+async def drain_rest(
+    peg: Pegasus, queue: str, expected: int, *, batch: int = 100, clients: int = 1
+) -> tuple[int, float]:
+    """Receive + ack in batches until `expected` messages were acked; (acked, seconds)."""
+    acked = 0
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        nonlocal acked
+        client = peg.client()
+        while acked < expected:
+            got = await client.request(
+                "POST", f"{API}/queues/{queue}/receive", {"max_messages": batch, "wait_seconds": 1}
+            )
+            receipts = [m["receipt"] for m in got["messages"]]
+            if not receipts:
+                break
+            answer = await client.request("POST", f"{API}/ack", {"receipts": receipts})
+            acked += sum(1 for r in answer["results"] if r["status"] == "ok")
+        await client.close()
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return acked, time.perf_counter() - start
+
+
+async def consume_rest(peg: Pegasus, scale: Scale, *, batch: int = 100) -> Result:
+    queue = await peg.new_queue("consume")
+    await fill(peg, queue, scale.drain_messages)
+    n, secs = await drain_rest(peg, queue, scale.drain_messages, batch=batch)
+    return Result(f"consume + ack, batch {batch}", "pegasus", n, secs, {"interface": "REST", "batch": batch})
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+class Ws:
+    """One JSON WebSocket connection (docs/API.md, "WebSocket")."""
+
+    def __init__(self, peg: Pegasus) -> None:
+        self.url = f"{peg.server.ws_base}/ws/v1/?token={peg.token}"
+        self.conn: Any = None
+
+    async def __aenter__(self) -> Ws:
+        import websockets
+
+        self.conn = await websockets.connect(self.url, max_size=None, compression=None, ping_interval=None)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.close()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.conn.send(json.dumps(frame, separators=(",", ":")))
+
+    async def recv(self) -> dict[str, Any]:
+        frame: dict[str, Any] = json.loads(await self.conn.recv())
+        if frame.get("op") == "error":
+            raise RuntimeError(f"WebSocket error frame: {frame}")
+        return frame
+
+
+async def ws_publish(peg: Pegasus, scale: Scale, *, size: int = 1, window: int = 100) -> Result:
+    """Publish over one WebSocket, keeping up to `window` publishes unconfirmed (pipelined)."""
+    queue = await peg.new_queue("wspub")
+    messages = [{"body": BODY} for _ in range(size)]
+    confirmed = 0
+    async with Ws(peg) as ws:
+        sent = 0
+        start = time.perf_counter()
+        deadline = start + scale.seconds
+        while True:
+            while sent - confirmed < window and time.perf_counter() < deadline:
+                await ws.send({"op": "publish", "corr": str(sent), "queue": queue, "messages": messages})
+                sent += 1
+            if confirmed == sent:
+                break
+            frame = await ws.recv()
+            if frame.get("op") == "published":
+                confirmed += 1
+        secs = time.perf_counter() - start
+    return Result(
+        "WebSocket publish, pipelined confirms", "pegasus", confirmed * size, secs,
+        {"interface": "WebSocket", "window": window, "batch": size},
+    )  # fmt: skip
+
+
+def _receipt(frame: dict[str, Any]) -> str | None:
+    if frame.get("op") != "message":
+        return None
+    message = frame.get("message") or {}
+    return message.get("receipt") or frame.get("receipt")
+
+
+async def consume_ws(peg: Pegasus, scale: Scale, *, prefetch: int = 100) -> Result:
+    """Push consumer with prefetch; acks every half prefetch window in one frame."""
+    queue = await peg.new_queue("wsconsume")
+    await fill(peg, queue, scale.drain_messages)
+    got = 0
+    async with Ws(peg) as ws:
+        start = time.perf_counter()
+        await ws.send({"op": "subscribe", "id": "c", "queue": queue, "prefetch": prefetch, "ack": "client"})
+        pending: list[str] = []
+        while got < scale.drain_messages:
+            receipt = _receipt(await asyncio.wait_for(ws.recv(), 10))
+            if receipt is None:
+                continue
+            got += 1
+            pending.append(receipt)
+            if len(pending) >= prefetch // 2 or got == scale.drain_messages:
+                await ws.send({"op": "ack", "receipts": pending})
+                pending = []
+        secs = time.perf_counter() - start
+    return Result(
+        f"consume + ack, push prefetch {prefetch}",
+        "pegasus",
+        got,
+        secs,
+        {"interface": "WebSocket", "prefetch": prefetch},
+    )
+
+
+async def latency(peg: Pegasus, scale: Scale) -> Result:
+    """End-to-end latency at a fixed light rate: publish over one WebSocket (the send time in a
+    header), receive pushed over another, latency = arrival - send, same clock."""
+    queue = await peg.new_queue("latency")
+    rate, secs = scale.latency_rate, scale.latency_seconds
+    total = int(rate * secs)
+    arrivals: list[float] = []
+    async with Ws(peg) as pub, Ws(peg) as sub:
+        await sub.send({"op": "subscribe", "id": "l", "queue": queue, "prefetch": 100, "ack": "auto"})
+        await asyncio.sleep(0.2)
+
+        async def consume() -> None:
+            while len(arrivals) < total:
+                frame = await asyncio.wait_for(sub.recv(), 10)
+                if frame.get("op") == "message":
+                    sent = float(frame["message"]["headers"]["t"])
+                    arrivals.append(time.perf_counter() - sent)
+
+        async def confirms() -> None:
+            for _ in range(total):
+                while (await pub.recv()).get("op") != "published":
+                    pass
+
+        async def produce() -> None:
+            start = time.perf_counter()
+            for i in range(total):
+                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+                message = {"body": BODY, "headers": {"t": repr(time.perf_counter())}}
+                await pub.send({"op": "publish", "corr": str(i), "queue": queue, "messages": [message]})
+
+        await asyncio.gather(consume(), confirms(), produce())
+    ms = sorted(a * 1000 for a in arrivals)
+    extra = {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "max_ms": ms[-1], "rate": rate}
+    return Result(f"end-to-end latency at {rate} msg/s", "pegasus", len(ms), secs, extra)
+
+
+# --------------------------------------------------------------------------- backlog
+
+
+async def backlog(peg: Pegasus, scale: Scale, empty_rate: float | None) -> list[Result]:
+    """Fill a queue with `scale.backlog` messages, publish beside it, then drain it."""
+    queue = await peg.new_queue("backlog")
+    fill_secs = await fill(peg, queue, scale.backlog, clients=2, size=1000)
+    rss_full = peg.server.rss_mb()
+    results = [Result("backlog fill, batch 1000, 2 clients", "pegasus", scale.backlog, fill_secs, {"rss_mb": rss_full})]
+    # The publish stage again, to the backlogged queue itself.
+    path = f"{API}/queues/{queue}/messages"
+    n, secs = await _publish_for(peg, path, _batch(100), 100, 1, scale.seconds)
+    extra: dict[str, Any] = {"rss_mb": peg.server.rss_mb(), "backlog": scale.backlog}
+    if empty_rate:
+        extra["ratio_to_empty"] = (n / secs) / empty_rate
+    results.append(Result("durable publish, batch 100, with backlog", "pegasus", n, secs, extra))
+    expected = scale.backlog + n
+    acked, drain_secs = await drain_rest(peg, queue, expected, batch=1000, clients=2)
+    results.append(
+        Result("backlog drain, batch 1000, 2 clients", "pegasus", acked, drain_secs, {"rss_mb": peg.server.rss_mb()})
+    )
+    return results

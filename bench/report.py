@@ -1,0 +1,172 @@
+"""The output of a run: a table (msg/s and ratios to the baselines), the targets, JSON and a PNG."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import Result
+
+# Baselines by key, and which baselines each Pegasus figure is compared with.
+PG_SINGLE = "publish, one per commit"
+PG_MANY = "publish, executemany 100 per commit"
+PG_COPY = "publish, COPY 1,000 per commit"
+PG_DRAIN = "consume, DELETE SKIP LOCKED 100 per commit"
+RMQ_CONFIRM = "publish, confirm each"
+RMQ_TX = "publish, transaction per 100"
+RMQ_CONSUME = "consume, prefetch 100, ack multiple"
+SHORT = {
+    PG_SINGLE: "PG 1/commit", PG_MANY: "PG executemany", PG_COPY: "PG COPY", PG_DRAIN: "PG drain",
+    RMQ_CONFIRM: "RMQ confirm-each", RMQ_TX: "RMQ tx-100", RMQ_CONSUME: "RMQ consume",
+}  # fmt: skip
+COMPARE = {
+    "durable publish, 1 per request": [RMQ_CONFIRM, PG_SINGLE],
+    "durable publish, batch 100": [RMQ_TX, PG_MANY],
+    "non-durable publish, batch 100": [RMQ_TX, PG_MANY],
+    "WebSocket publish, pipelined confirms": [RMQ_CONFIRM, RMQ_TX],
+    "consume + ack, batch 100": [RMQ_CONSUME, PG_DRAIN],
+    "consume + ack, push prefetch 100": [RMQ_CONSUME, PG_DRAIN],
+    "fan-out to 10 subscriptions, batch 100": [RMQ_TX, PG_MANY],
+    "backlog fill, batch 1000, 2 clients": [PG_COPY],
+    "durable publish, batch 100, with backlog": [RMQ_TX, PG_MANY],
+    "backlog drain, batch 1000, 2 clients": [RMQ_CONSUME, PG_DRAIN],
+}
+
+
+def rates(results: list[Result]) -> dict[tuple[str, str], float]:
+    return {(r.system, r.name): r.rate for r in results if r.rate}
+
+
+def _baseline_rate(results: list[Result], name: str) -> float | None:
+    return next((r.rate for r in results if r.name == name and r.system != "pegasus"), None)
+
+
+def _pegasus(results: list[Result], name: str) -> Result | None:
+    return next((r for r in results if r.name == name and r.system == "pegasus"), None)
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| system | stage | msg/s | compared with | RSS MB |", "|---|---|---:|---|---:|"]
+    for r in results:
+        if r.skipped or r.error:
+            lines.append(f"| {r.system} | {r.name} | {'skipped: ' + r.skipped if r.skipped else 'ERROR'} | | |")
+            continue
+        figure = f"{r.rate:,.0f}" if r.rate is not None else ""
+        if "p50_ms" in r.extra:
+            figure = f"p50 {r.extra['p50_ms']:.2f} ms, p99 {r.extra['p99_ms']:.2f} ms"
+        ratios = []
+        for base in COMPARE.get(r.name, []) if r.system == "pegasus" else []:
+            b = _baseline_rate(results, base)
+            if b and r.rate:
+                ratios.append(f"{r.rate / b:.2f}x {SHORT[base]}")
+        rss = f"{r.extra['rss_mb']:.0f}" if "rss_mb" in r.extra else ""
+        lines.append(f"| {r.system} | {r.name} | {figure} | {', '.join(ratios)} | {rss} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Target:
+    text: str
+    measure: Callable[[list[Result]], float | None]
+    goal: float
+    at_most: bool = False  # True: the measured value must be <= goal
+
+    def evaluate(self, results: list[Result]) -> dict[str, Any]:
+        value = self.measure(results)
+        met = None if value is None else (value <= self.goal if self.at_most else value >= self.goal)
+        return {"target": self.text, "measured": value, "goal": self.goal, "met": met}
+
+
+def _ratio(name: str, base: str) -> Callable[[list[Result]], float | None]:
+    def measure(results: list[Result]) -> float | None:
+        r, b = _pegasus(results, name), _baseline_rate(results, base)
+        return r.rate / b if r and r.rate and b else None
+
+    return measure
+
+
+def _pegasus_ratio(name: str, other: str) -> Callable[[list[Result]], float | None]:
+    def measure(results: list[Result]) -> float | None:
+        r, o = _pegasus(results, name), _pegasus(results, other)
+        return r.rate / o.rate if r and o and r.rate and o.rate else None
+
+    return measure
+
+
+def _extra(name: str, key: str) -> Callable[[list[Result]], float | None]:
+    def measure(results: list[Result]) -> float | None:
+        r = _pegasus(results, name)
+        return r.extra.get(key) if r and not r.error and not r.skipped else None
+
+    return measure
+
+
+def _max_rss(results: list[Result]) -> float | None:
+    values = [r.extra["rss_mb"] for r in results if "rss_mb" in r.extra]
+    return max(values) if values else None
+
+
+LATENCY = "end-to-end latency at 500 msg/s"
+TARGETS = [
+    Target("durable batch publish / RabbitMQ tx-per-100", _ratio("durable publish, batch 100", RMQ_TX), 2.5),
+    Target("durable batch publish / raw executemany", _ratio("durable publish, batch 100", PG_MANY), 0.4),
+    Target("durable 1-per-request publish, 8 clients / RabbitMQ confirm-each",
+           _ratio("durable publish, 1 per request", RMQ_CONFIRM), 2.0),
+    Target("batched consume + ack (REST) / RabbitMQ prefetch 100",
+           _ratio("consume + ack, batch 100", RMQ_CONSUME), 1.0),
+    Target("push consume + ack (WebSocket) / RabbitMQ prefetch 100",
+           _ratio("consume + ack, push prefetch 100", RMQ_CONSUME), 1.0),
+    Target("non-durable batch publish / durable batch publish",
+           _pegasus_ratio("non-durable publish, batch 100", "durable publish, batch 100"), 2.0),
+    Target("end-to-end p50 at 500 msg/s (ms)", _extra(LATENCY, "p50_ms"), 2.0, at_most=True),
+    Target("end-to-end p99 at 500 msg/s (ms)", _extra(LATENCY, "p99_ms"), 10.0, at_most=True),
+    Target("publish with backlog / publish to an empty queue",
+           _extra("durable publish, batch 100, with backlog", "ratio_to_empty"), 0.8),
+    Target("server RSS, largest at any stage (MB)", _max_rss, 200.0, at_most=True),
+]  # fmt: skip
+
+
+def targets(results: list[Result]) -> list[dict[str, Any]]:
+    return [t.evaluate(results) for t in TARGETS]
+
+
+def targets_table(evaluated: list[dict[str, Any]]) -> str:
+    lines = ["| target | measured | goal | met |", "|---|---:|---:|---|"]
+    for t in evaluated:
+        value = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
+        sign = "<=" if "(ms)" in t["target"] or "(MB)" in t["target"] else ">="
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {value} | {sign} {t['goal']:g} | {met} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, meta: dict[str, Any], results: list[Result], evaluated: list[dict[str, Any]]) -> None:
+    data = {"meta": meta, "results": [r.as_json() for r in results], "targets": evaluated}
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def chart(path: Path, results: list[Result], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in results if r.rate and "p50_ms" not in r.extra]
+    colors = {"postgres": "#336791", "rabbitmq": "#ff6600", "pegasus": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(10, 0.38 * len(shown) + 1.6))
+    labels = [f"{r.system}: {r.name}" for r in shown]
+    values = [r.rate or 0 for r in shown]
+    ax.barh(range(len(shown)), values, color=[colors.get(r.system, "grey") for r in shown])
+    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("messages per second (log scale)")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:,.0f}", va="center", fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
