@@ -57,7 +57,7 @@ from messaging.broker.operator import (
     retry_dead_letters,
     set_priority,
 )
-from messaging.broker.publishing import publish
+from messaging.broker.publishing import PublishRequest, publish, publish_many
 from messaging.broker.transactions import begin, commit, get_transaction, list_transactions, prepare, rollback
 from messaging.exceptions import StaleReceipt
 
@@ -70,6 +70,7 @@ __all__ = [
     "TRANSIENT",
     "MaintenanceReport",
     "OutgoingMessage",
+    "PublishRequest",
     "PublishResult",
     "QueueSettings",
     "ReceivedMessage",
@@ -97,6 +98,7 @@ __all__ = [
     "parse_cursors",
     "prepare",
     "publish",
+    "publish_many",
     "purge_queue",
     "receive",
     "redrive",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
 from messaging import clock, conf, events, filters, metrics
 from messaging.broker.common import (
@@ -20,6 +21,7 @@ from messaging.broker.common import (
 )
 from messaging.exceptions import (
     BatchTooLarge,
+    BrokerError,
     InvalidRequest,
 )
 from messaging.models import (
@@ -49,6 +51,82 @@ def publish(
     and `duplicate=True`, and nothing is enqueued for it. Inside a transaction the messages are
     staged: invisible until commit, gone on rollback.
     """
+    request = PublishRequest(queue=queue, topic=topic, messages=messages, transaction_id=transaction_id, user=user)
+    _check(request)
+    with transaction.atomic():
+        return _publish_checked(request)
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """The arguments of one `publish` call, for `publish_many`."""
+
+    messages: Sequence[OutgoingMessage]
+    queue: Queue | None = None
+    topic: Topic | None = None
+    transaction_id: str | None = None
+    user: Any = None
+
+
+def publish_many(*, requests: Sequence[PublishRequest]) -> list[list[PublishResult] | Exception]:
+    """Group commit: publish several independent requests in ONE database transaction.
+
+    Each request keeps `publish`'s contract (all or nothing, deduplicated, durable when this
+    returns) and gets its own outcome, in order: its results, or the BrokerError it raised. One
+    commit (one WAL flush) serves them all, which is what makes many concurrent small publishes
+    fast. A request that fails validation fails alone; if the shared transaction fails before
+    its commit, each request is retried in a transaction of its own, so one bad request cannot
+    fail the others. Requests inside a messaging transaction always run alone (each locks its
+    transaction row, and a shared lock order across them is not worth having).
+    """
+    outcomes: list[list[PublishResult] | Exception | None] = [None] * len(requests)
+    grouped: list[int] = []
+    for i, request in enumerate(requests):
+        try:
+            _check(request)
+        except BrokerError as exc:
+            outcomes[i] = exc
+            continue
+        if request.transaction_id is None:
+            grouped.append(i)
+        else:
+            outcomes[i] = _publish_alone(request)
+    if len(grouped) == 1:
+        outcomes[grouped[0]] = _publish_alone(requests[grouped[0]])
+    elif grouped:
+        _publish_group(requests, grouped, outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+def _publish_group(
+    requests: Sequence[PublishRequest], grouped: list[int], outcomes: list[list[PublishResult] | Exception | None]
+) -> None:
+    body_done = False
+    try:
+        with transaction.atomic():
+            for i in grouped:
+                outcomes[i] = _publish_checked(requests[i])
+            body_done = True
+    except Exception as exc:
+        if body_done:  # the COMMIT itself failed: the outcome is unknown, so nothing is retried
+            for i in grouped:
+                outcomes[i] = exc
+            return
+        for i in grouped:  # something failed before the commit: nothing was committed
+            outcomes[i] = _publish_alone(requests[i])
+
+
+def _publish_alone(request: PublishRequest) -> list[PublishResult] | Exception:
+    try:
+        with transaction.atomic():
+            return _publish_checked(request)
+    except (BrokerError, DatabaseError) as exc:
+        return exc
+
+
+def _check(request: PublishRequest) -> None:
+    """Everything about a publish that needs no database: raises a BrokerError."""
+    queue, topic, messages = request.queue, request.topic, request.messages
     if (queue is None) == (topic is None):
         raise InvalidRequest("Publish to exactly one queue or topic.")
     limits = conf.get()
@@ -59,20 +137,25 @@ def publish(
     max_bytes = queue.max_message_bytes if queue is not None else limits.default_max_message_bytes
     for msg in messages:
         validate_message(msg, max_bytes=max_bytes)
+
+
+def _publish_checked(request: PublishRequest) -> list[PublishResult]:
+    """The database part of a publish. Should be called inside transaction.atomic()."""
+    queue, topic, messages, transaction_id = request.queue, request.topic, request.messages, request.transaction_id
+    limits = conf.get()
     window = queue.dedup_window_seconds if queue is not None else limits.default_dedup_window_seconds
     destination = f"queue:{queue.name}" if queue is not None else f"topic:{topic.name}"  # type: ignore[union-attr]
-    with transaction.atomic():
-        if transaction_id is not None:
-            _lock_transaction(transaction_id, user=user, states=(TxState.OPEN,))
-        now = clock.now()
-        targets = [queue] if queue is not None else list(Queue.objects.filter(topic=topic).order_by("pk"))
-        results = _publish_locked(
-            destination=destination, targets=targets, messages=messages, window=window,
-            transaction_id=transaction_id, now=now,
-        )  # fmt: skip
-        fresh = sum(not r.duplicate for r in results)
-        per_key = {metrics.BROKER: fresh, **({("topic", topic.pk): fresh} if topic is not None else {})}
-        metrics.count_on_commit(metrics.PUBLISHED, per_key)
+    if transaction_id is not None:
+        _lock_transaction(transaction_id, user=request.user, states=(TxState.OPEN,))
+    now = clock.now()
+    targets = [queue] if queue is not None else list(Queue.objects.filter(topic=topic).order_by("pk"))
+    results = _publish_locked(
+        destination=destination, targets=targets, messages=messages, window=window,
+        transaction_id=transaction_id, now=now,
+    )  # fmt: skip
+    fresh = sum(not r.duplicate for r in results)
+    per_key = {metrics.BROKER: fresh, **({("topic", topic.pk): fresh} if topic is not None else {})}
+    metrics.count_on_commit(metrics.PUBLISHED, per_key)
     return results
 
 
