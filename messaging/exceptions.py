@@ -112,6 +112,12 @@ class TransactionStateError(Conflict):
     code = "transaction_state"
 
 
+class DuplicatePending(Conflict):
+    """This dedup_id belongs to a message staged in a transaction that has not finished; retry."""
+
+    code = "duplicate_pending"
+
+
 class MessageTooLarge(BrokerError):
     """The message is larger than the destination allows."""
 

@@ -10,7 +10,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pegasus_site.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from messaging import maintenance, routing  # noqa: E402
 
@@ -19,6 +18,6 @@ maintenance.start_in_background()
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter(routing.websocket_urlpatterns)),
+        "websocket": routing.origin_checked(URLRouter(routing.websocket_urlpatterns)),
     }
 )

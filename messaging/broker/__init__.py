@@ -34,6 +34,7 @@ from messaging.broker.common import (
     validate_message,
     validate_name,
 )
+from messaging.broker.consumers import refresh_consumers, register_consumer, unregister_consumers
 from messaging.broker.delivery import ACK_OK, ACK_STALE, ack, extend, nack, receive, redrive, require_some_ok
 from messaging.broker.destinations import (
     create_queue,
@@ -102,6 +103,8 @@ __all__ = [
     "purge_queue",
     "receive",
     "redrive",
+    "refresh_consumers",
+    "register_consumer",
     "require_some_ok",
     "retry_dead_letters",
     "rollback",
@@ -109,6 +112,7 @@ __all__ = [
     "set_paused",
     "set_priority",
     "store_for",
+    "unregister_consumers",
     "validate_message",
     "validate_name",
 ]

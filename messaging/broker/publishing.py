@@ -12,6 +12,8 @@ from django.db import DatabaseError, connection, transaction
 
 from messaging import clock, conf, events, filters, metrics
 from messaging.broker.common import (
+    STORES,
+    TRANSIENT,
     OutgoingMessage,
     PublishResult,
     Store,
@@ -22,6 +24,7 @@ from messaging.broker.common import (
 from messaging.exceptions import (
     BatchTooLarge,
     BrokerError,
+    DuplicatePending,
     InvalidRequest,
 )
 from messaging.models import (
@@ -204,6 +207,7 @@ def _publish_locked(
         window=window,
         now=now,
     )
+    _refuse_pending_duplicates(duplicates, transaction_id)
     if duplicates:
         for store, rows in rows_by_store.items():
             dropped = [row.pk for i, row in rows if messages[i].dedup_id in duplicates]
@@ -287,6 +291,23 @@ def _claim_dedup_ids(*, destination: str, claims: dict[str, str], window: int, n
     return dict(
         DedupRecord.objects.filter(destination=destination, dedup_id__in=seen).values_list("dedup_id", "message_id")
     )
+
+
+def _refuse_pending_duplicates(duplicates: dict[str, str], transaction_id: str | None) -> None:
+    """Refuse a duplicate of a message still staged in another, unfinished transaction.
+
+    That transaction may yet roll back and take the first message with it; answering
+    "duplicate" now would tell this publisher its message is in when it may never be (found by
+    tests/faults/test_model.py). A retry after the other transaction finishes gets the final
+    answer: duplicate after its commit, enqueued after its rollback (which drops the record)."""
+    for store in STORES:
+        transient = store is TRANSIENT
+        pks = [int(i[1:] if transient else i) for i in duplicates.values() if i.startswith("t") == transient]
+        pending = store.deliveries().filter(message_id__in=pks, state=State.STAGED)
+        if transaction_id is not None:
+            pending = pending.exclude(transaction_id=transaction_id)
+        if pks and pending.exists():
+            raise DuplicatePending()
 
 
 def _db_datetime(value: datetime) -> Any:
