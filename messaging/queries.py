@@ -72,6 +72,8 @@ class BrowsedMessage:
     visible_at: Any
     expires_at: Any
     dead_letter_reason: str
+    origin: str = ""  # the queue a dead letter came from (label), if any
+    redelivered: bool = False
 
 
 def browse(
@@ -89,7 +91,12 @@ def browse(
     for store in STORES:
         if STORES.index(store) < STORES.index(start_store):
             continue
-        qs = store.deliveries().filter(queue=queue).exclude(state=State.ACKED).select_related("message")
+        qs = (
+            store.deliveries()
+            .filter(queue=queue)
+            .exclude(state=State.ACKED)
+            .select_related("message", "origin_queue__topic")
+        )
         if store is start_store and start_id:
             qs = qs.filter(id__gt=start_id)
         if state:
@@ -123,11 +130,73 @@ def _browsed(store: Store, row: Any) -> BrowsedMessage:
         body=msg.body,
         content_type=msg.content_type,
         headers=msg.headers,
-        priority=msg.priority,
+        priority=row.priority,  # this queue's (an operator may have changed it), not the publisher's
         durable=store is DURABLE,
         delivery_count=row.delivery_count,
         published_at=msg.published_at,
         visible_at=row.visible_at,
         expires_at=msg.expires_at,
         dead_letter_reason=row.dead_letter_reason,
+        origin=row.origin_queue.label if row.origin_queue is not None else "",
+        redelivered=row.delivery_count > 1,
     )
+
+
+def browse_one(queue: Queue, cursor: str) -> BrowsedMessage | None:
+    """The message at `cursor` in `queue` (as browse shows it), or None if it is gone."""
+    store = next((s for s in STORES if cursor[:1] == s.code), None)
+    digits = cursor[1:]
+    if store is None or not digits.isdigit() or len(digits) > 18:
+        return None
+    row = (
+        store.deliveries()
+        .filter(queue=queue, pk=int(digits))
+        .exclude(state=State.ACKED)
+        .select_related("message", "origin_queue__topic")
+        .first()
+    )
+    return _browsed(store, row) if row is not None else None
+
+
+def all_queue_stats() -> dict[int, dict[str, Any]]:
+    """queue_stats for every queue and subscription at once, keyed by queue pk: a few grouped
+    queries instead of several per queue (the console overview)."""
+    now = clock.now()
+    lease_expired = Q(state=State.LEASED, visible_at__lte=now, transaction_id__isnull=True)
+    ready = Q(state=State.READY, visible_at__lte=now) | lease_expired
+    empty = {"depth": 0, "in_flight": 0, "scheduled": 0, "dead_lettered": 0, "consumers": 0, "oldest": None}
+    stats: dict[int, dict[str, Any]] = {pk: dict(empty) for pk in Queue.objects.values_list("pk", flat=True)}
+    for store in STORES:
+        grouped = (
+            store.deliveries()
+            .exclude(state=State.ACKED)
+            .values("queue_id")
+            .annotate(
+                depth=Count("id", filter=ready),
+                in_flight=Count("id", filter=Q(state=State.LEASED) & ~lease_expired),
+                scheduled=Count("id", filter=Q(state=State.READY, visible_at__gt=now)),
+                oldest=Min("message__published_at", filter=ready),
+            )
+            .order_by()
+        )
+        for row in grouped:
+            entry = stats.setdefault(row["queue_id"], dict(empty))
+            for key in ("depth", "in_flight", "scheduled"):
+                entry[key] += row[key]
+            if row["oldest"] is not None and (entry["oldest"] is None or row["oldest"] < entry["oldest"]):
+                entry["oldest"] = row["oldest"]
+        dead = store.deliveries().filter(origin_queue__isnull=False).values("origin_queue_id").annotate(n=Count("id"))
+        for row in dead.order_by():
+            stats.setdefault(row["origin_queue_id"], dict(empty))["dead_lettered"] += row["n"]
+    live = Consumer.objects.filter(heartbeat_at__gte=now - timedelta(seconds=LIVE_CONSUMER_SECONDS))
+    for row in live.values("queue_id").annotate(n=Count("id")).order_by():
+        stats.setdefault(row["queue_id"], dict(empty))["consumers"] = row["n"]
+    for entry in stats.values():
+        oldest = entry.pop("oldest")
+        entry["oldest_age_seconds"] = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
+    return stats
+
+
+def purgeable_count(queue: Queue) -> int:
+    """How many messages broker.purge_queue would remove right now (ready and scheduled)."""
+    return sum(store.deliveries().filter(queue=queue, state=State.READY).count() for store in STORES)

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import os
+from typing import Any, cast
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pegasus_site.settings")
 django_asgi_app = get_asgi_application()
 
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
+# Plain daphne serves no static files: the console's CSS and JS come from here (any DEBUG).
+django_asgi_app = cast(Any, ASGIStaticFilesHandler(django_asgi_app))  # an ASGI app, typed loosely
+
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from console import rates as console_rates  # noqa: E402
 from messaging import maintenance, routing  # noqa: E402
 
 maintenance.start_in_background()
+console_rates.start_in_background()  # flushes publish/deliver/ack counters for the console
 
 application = ProtocolTypeRouter(
     {

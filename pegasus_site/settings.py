@@ -50,7 +50,7 @@ CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("PEGASUS_CSRF_TRUSTED_ORIGINS"
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "console.site.ConsoleAdminConfig",  # django.contrib.admin with the console as its default site
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
