@@ -70,6 +70,15 @@ def require(user: Any, action: Action, *, kind: Kind, name: str) -> None:
         raise PermissionDenied(f"Not permitted to {action} on {kind} {name!r}.")
 
 
+def require_admin(user: Any) -> None:
+    """Server-wide settings (bridges: they make this server contact others) are for admins
+    only, whatever AccessRules grant."""
+    if user is None or not getattr(user, "is_authenticated", False):
+        raise NotAuthenticated()
+    if not (user.is_active and user.is_superuser):
+        raise PermissionDenied("Only admins may do this.")
+
+
 def access_queue(*, user: Any, name: str, action: Action) -> Queue:
     broker.validate_name(name)
     require(user, action, kind=Kind.QUEUE, name=name)

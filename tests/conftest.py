@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -9,6 +10,10 @@ import pytest
 from django.db import connection
 
 from messaging import broker, clock, tokens
+
+# No bridge runners in the test process or in the servers tests start, unless a test asks
+# (tests/bridges start theirs explicitly): a stray runner would forward a test's bridge.
+os.environ.setdefault("PEGASUS_BRIDGES_RUNNER", "off")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:

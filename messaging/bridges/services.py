@@ -94,7 +94,12 @@ def source_queue(bridge: Bridge) -> Queue:
 
 
 def _apply(bridge: Bridge, values: dict[str, Any]) -> None:
-    """Validate every field, then set them (all or nothing)."""
+    for field, value in validated(values).items():
+        setattr(bridge, field, value)
+
+
+def validated(values: dict[str, Any]) -> dict[str, Any]:
+    """Check every EDITABLE field of a bridge (all of them given); return them normalized."""
     source_topic = values["source_topic"] or ""
     for name in filter(None, (source_topic, values["source_name"], values["target_name"])):
         broker.validate_name(name)
@@ -107,8 +112,7 @@ def _apply(bridge: Bridge, values: dict[str, Any]) -> None:
     values = {**values, "source_topic": source_topic, "target_url": conf.check_target(values["target_url"])}
     probe = Bridge(source_topic=source_topic, source_name=values["source_name"])
     source_queue(probe)  # raises QueueNotFound / SubscriptionNotFound / InvalidSource
-    for field, value in values.items():
-        setattr(bridge, field, value)
+    return values
 
 
 def _check_batch_size(value: Any) -> None:

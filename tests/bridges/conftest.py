@@ -74,7 +74,7 @@ def target() -> FakeTarget:
 
 
 @pytest.fixture
-def client(target: FakeTarget) -> Iterator[httpx.Client]:
+def target_client(target: FakeTarget) -> Iterator[httpx.Client]:
     with link.new_client(transport=httpx.MockTransport(target.handle)) as c:
         yield c
 
@@ -98,13 +98,13 @@ def sleeps() -> list[float]:
 
 
 @pytest.fixture
-def forwarder_for(client: httpx.Client, sleeps: list[float]) -> Iterator[Callable[..., Forwarder]]:
+def forwarder_for(target_client: httpx.Client, sleeps: list[float]) -> Iterator[Callable[..., Forwarder]]:
     made: list[Forwarder] = []
 
     def make(bridge: Any, *, sleep: Callable[[float], Any] | None = None) -> Forwarder:
         lock = ProcessLock(bridge.pk)
         assert lock.acquire()
-        fwd = Forwarder(bridge.pk, client=client, lock=lock, sleep=sleep or sleeps.append, rng=lambda: 0.5,
+        fwd = Forwarder(bridge.pk, client=target_client, lock=lock, sleep=sleep or sleeps.append, rng=lambda: 0.5,
                         settings=conf.get())  # fmt: skip
         fwd.take_over()
         made.append(fwd)

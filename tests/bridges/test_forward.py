@@ -135,7 +135,7 @@ def test_lost_lease__the_batch_goes_out_again_before_anything_newer(
 
 
 def test_take_over__a_new_runner_resends_the_dead_runners_batch_first(
-    bridge_factory, forwarder_for, target, publish, queue_factory, client
+    bridge_factory, forwarder_for, target, publish, queue_factory
 ):
     queue = queue_factory(max_deliveries=10)
     publish(queue, *[f"m{i}" for i in range(4)])

@@ -1,0 +1,110 @@
+"""Where bridges run: one runner per bridge across processes (locks), and the supervisor."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from django.db import connection
+
+from messaging import broker
+from messaging.bridges import link, locks, runner
+from messaging.bridges.models import BridgeState, LinkStatus
+
+from .conftest import FakeTarget
+
+
+def test_file_lock__exclusive_until_released(tmp_path):
+    path = str(tmp_path / "db.sqlite3.bridge-1.lock")
+    first, second = locks.FileLock(path), locks.FileLock(path)
+    assert first.acquire() and first.held()
+    assert not second.acquire() and not second.held()
+    first.release()
+    assert second.acquire()
+    second.release()
+
+
+def _in_thread(fn: Any) -> Any:
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_advisory_lock__one_session_at_a_time_and_fenced():
+    mine = locks.for_bridge(42)
+    assert isinstance(mine, locks.AdvisoryLock)
+    assert mine.acquire() and mine.held()
+    assert _in_thread(lambda: locks.for_bridge(42).acquire()) is False
+    assert _in_thread(lambda: locks.for_bridge(43).acquire()) is True  # other bridges are independent
+    mine.release()
+    assert not mine.held()
+    assert _in_thread(lambda: locks.for_bridge(42).acquire()) is True
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_advisory_lock__dies_with_its_session():
+    mine = locks.for_bridge(7)
+    assert mine.acquire()
+    connection.close()  # what kill -9 does to the session, as far as the database can tell
+    assert not mine.held()
+    assert _in_thread(lambda: locks.for_bridge(7).acquire()) is True
+
+
+@pytest.mark.django_db(transaction=True)
+def test_supervisors__forward_each_bridge_from_exactly_one_runner(
+    bridge_factory, queue_factory, publish, settings, monkeypatch
+):
+    settings.PEGASUS_BRIDGES = {**settings.PEGASUS_BRIDGES, "SCAN_SECONDS": 0.1, "IDLE_POLL_SECONDS": 0.1}
+    target = FakeTarget()
+    senders: set[int] = set()
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        senders.add(threading.get_ident())
+        return target.handle(request)
+
+    monkeypatch.setattr(link, "new_client", lambda: httpx.Client(transport=httpx.MockTransport(handle)))
+    queue = queue_factory(name="src")
+    bridge = bridge_factory(queue, batch_size=7)
+    publish(queue, *[f"m{i}" for i in range(30)])
+    # Two supervisors stand for two server processes: their runner threads have their own
+    # database connections (PostgreSQL sessions) and their own lock-file handles (SQLite).
+    stop = threading.Event()
+    supervisors = [threading.Thread(target=runner.Supervisor(stop).run_forever) for _ in range(2)]
+    for s in supervisors:
+        s.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(target.messages) < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for s in supervisors:
+            s.join()
+    assert target.bodies == [f"m{i}" for i in range(30)]
+    assert len(senders) == 1
+    state = BridgeState.objects.get(pk=bridge.pk)
+    assert state.forwarded_count == 30 and state.status == LinkStatus.CONNECTED and state.runner
+    assert broker.receive(queue=queue) == []
+
+
+def test_start_in_background__respects_pegasus_bridges_runner_off(monkeypatch):
+    monkeypatch.setenv("PEGASUS_BRIDGES_RUNNER", "off")
+    started = []
+    monkeypatch.setattr(threading, "Thread", lambda *a, **k: started.append(1))
+    runner.start_in_background()
+    assert started == []
