@@ -5,6 +5,8 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 
+from pegasus_site.api import api
+
 
 def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
@@ -24,4 +26,5 @@ urlpatterns = [
     path("healthz", healthz),
     path("readyz", readyz),
     path("console/", admin.site.urls),
+    path("api/v1/", api.urls),
 ]
