@@ -53,7 +53,27 @@ def _authenticate_async(token: str) -> Awaitable[Any]:
     return longpoll.hop(tokens.authenticate)(token)
 
 
-api = NinjaAPI(
+# Errors any operation can answer, whatever its router declares: bad input, credentials,
+# permission, unknown destination, conflict, body too large (pegasus_site/bodylimit.py),
+# quota, database outage. Declared on every operation so clients and schema checkers know.
+COMMON_ERRORS = {
+    400: "Bad input", 401: "No or bad credentials", 403: "Not permitted", 404: "Unknown destination",
+    409: "Conflict", 413: "Too large", 429: "Over quota", 503: "Database unavailable; retry after Retry-After",
+}  # fmt: skip
+
+
+class PegasusAPI(NinjaAPI):
+    def get_openapi_schema(self, *args: Any, **kwargs: Any) -> Any:
+        schema = super().get_openapi_schema(*args, **kwargs)
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                for status, description in COMMON_ERRORS.items():
+                    operation["responses"].setdefault(status, {"description": description, "content": error})
+        return schema
+
+
+api = PegasusAPI(
     title="Pegasus",
     version="1",
     description="Queues and topics over REST. See docs/rest.md; errors are {error: {code, message}}.",

@@ -1,0 +1,102 @@
+"""Long-poll receive: woken by a publish, re-checks on a timer, holds no connection while waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import AsyncClient
+
+from messaging import broker
+from messaging.longpoll import hop
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Consumer:
+    """Django's AsyncClient, sending bob's token (its `headers=` default does not reach ASGI requests)."""
+
+    def __init__(self, token: str) -> None:
+        self.client = AsyncClient()
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def post(self, path: str, payload: dict[str, Any]) -> Any:
+        return await self.client.post("/api/v1" + path, payload, content_type="application/json", headers=self.headers)
+
+
+@pytest.fixture
+def consumer(bob: Any, grant: Any, token_for: Any) -> Consumer:
+    grant(bob, "#", "send", "consume")
+    return Consumer(token_for(bob))
+
+
+@pytest.fixture
+def queue(queue_factory: Any) -> Any:
+    return queue_factory("lp")
+
+
+async def _receive(client: Consumer, **payload: Any) -> Any:
+    return await client.post("/queues/lp/receive", payload)
+
+
+async def _publish(queue: Any, *bodies: str, **options: Any) -> None:
+    messages = [broker.OutgoingMessage(body=b, **options) for b in bodies]
+    await hop(broker.publish)(queue=queue, messages=messages)
+
+
+async def test_long_poll__is_woken_by_a_publish(consumer: Consumer, queue: Any):
+    poll = asyncio.ensure_future(_receive(consumer, wait_seconds=15))
+    await asyncio.sleep(0.3)
+    assert not poll.done()  # waiting
+    started = time.monotonic()
+    await _publish(queue, "hello")
+    response = await poll
+    assert [m["body"] for m in response.json()["messages"]] == ["hello"]
+    assert time.monotonic() - started < 10  # woken, not timed out
+
+
+async def test_long_poll__answers_empty_when_the_wait_ends(consumer: Consumer, queue: Any):
+    started = time.monotonic()
+    response = await _receive(consumer, wait_seconds=0.5)
+    assert response.status_code == 200 and response.json() == {"messages": []}
+    assert time.monotonic() - started >= 0.5
+
+
+async def test_long_poll__finds_messages_nobody_rang_for(consumer: Consumer, queue: Any):
+    # A delayed message becomes visible without any notification: only the periodic re-check sees it.
+    await _publish(queue, "later", delay_seconds=0.5)
+    response = await _receive(consumer, wait_seconds=15)
+    assert [m["body"] for m in response.json()["messages"]] == ["later"]
+
+
+async def test_long_poll__subscription(consumer: Consumer):
+    topic, _ = await hop(broker.create_topic)(name="news")
+    await hop(broker.create_subscription)(topic=topic, name="s")
+    poll = asyncio.ensure_future(consumer.post("/topics/news/subscriptions/s/receive", {"wait_seconds": 15}))
+    await asyncio.sleep(0.3)
+    await hop(broker.publish)(topic=topic, messages=[broker.OutgoingMessage(body="extra")])
+    assert [m["body"] for m in (await poll).json()["messages"]] == ["extra"]
+
+
+def _sessions() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.postgres
+async def test_long_poll__waiters_hold_no_database_connection(consumer: Consumer, queue: Any):
+    polls = [asyncio.ensure_future(_receive(consumer, wait_seconds=15)) for _ in range(20)]
+    await asyncio.sleep(1.0)
+    assert not any(p.done() for p in polls)
+    # 20 requests are waiting; the only other session is the listener (plus maybe one mid-hop).
+    assert await hop(_sessions)() <= 3
+    await _publish(queue, *[str(i) for i in range(20)])
+    responses = await asyncio.gather(*polls)
+    bodies = sorted(m["body"] for r in responses for m in r.json()["messages"])
+    assert bodies == sorted(str(i) for i in range(20))
