@@ -16,7 +16,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from messaging import access, broker
 from messaging.exceptions import BrokerError
-from messaging.push import Pusher, live_settings
+from messaging.push import CLOSE_BAD_FRAME, CLOSE_TOO_LARGE, Pusher, live_settings
 from messaging.session import Destination, Session, authenticate, credentials
 
 log = logging.getLogger("pegasus.ws")
@@ -59,22 +59,21 @@ class JsonConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             return
         raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", "replace")
         if len(raw) > self.settings.max_frame_bytes:
-            await self._fail(
-                None, "frame_too_large", f"Frames are at most {self.settings.max_frame_bytes} bytes.", 1009
-            )
+            limit = self.settings.max_frame_bytes
+            await self._fail(None, "frame_too_large", f"Frames are at most {limit} bytes.", CLOSE_TOO_LARGE)
             return
         try:
             frame = json.loads(raw)
         except ValueError:
-            await self._fail(None, "malformed_frame", "A frame is one JSON object.", 1008)
+            await self._fail(None, "malformed_frame", "A frame is one JSON object.", CLOSE_BAD_FRAME)
             return
         if not isinstance(frame, dict):
-            await self._fail(None, "malformed_frame", "A frame is one JSON object.", 1008)
+            await self._fail(None, "malformed_frame", "A frame is one JSON object.", CLOSE_BAD_FRAME)
             return
         try:
             await self._dispatch(frame)
         except Malformed as exc:
-            await self._fail(frame.get("corr"), "malformed_frame", str(exc)[:300], 1008)
+            await self._fail(frame.get("corr"), "malformed_frame", str(exc)[:300], CLOSE_BAD_FRAME)
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
         op = frame.get("op")

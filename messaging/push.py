@@ -35,6 +35,13 @@ def hop(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
 Deliver = Callable[["Pusher", Sequence[broker.ReceivedMessage]], Awaitable[None]]
 
 
+# WebSocket close codes (autobahn lets a server send only 1000 and 3000-4999): 4000 + an HTTP status.
+CLOSE_NORMAL = 1000
+CLOSE_BAD_FRAME = 4400  # malformed or out-of-order frame, or a STOMP ERROR
+CLOSE_TIMEOUT = 4408  # no CONNECT, or no heart-beat, in time
+CLOSE_TOO_LARGE = 4413  # a frame over the size limit
+
+
 @dataclass(frozen=True)
 class LiveSettings:
     max_frame_bytes: int  # larger frames get an error frame and the connection closes

@@ -17,7 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from messaging import broker
 from messaging.exceptions import BrokerError, InvalidRequest, NotAuthenticated
-from messaging.push import Pusher, live_settings
+from messaging.push import CLOSE_BAD_FRAME, CLOSE_NORMAL, CLOSE_TIMEOUT, CLOSE_TOO_LARGE, Pusher, live_settings
 from messaging.session import Destination, Session, authenticate, credentials, parse_destination
 from messaging.stomp.frames import Frame, FrameError, FrameTooLarge, Parser, render
 
@@ -92,7 +92,7 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
                 if self.closing:
                     return
         except FrameTooLarge as exc:
-            await self._fail(StompError("frame too large", str(exc)), code=1009)
+            await self._fail(StompError("frame too large", str(exc)), code=CLOSE_TOO_LARGE)
         except FrameError as exc:
             await self._fail(StompError("malformed frame", str(exc)))
 
@@ -304,13 +304,14 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         while not self.closing:
             await asyncio.sleep(max(0.1, self.last_received + grace - time.monotonic()))
             if time.monotonic() - self.last_received > grace:
-                await self._fail(StompError("heart-beat timeout", "No frame or heart-beat from the client in time."))
+                error = StompError("heart-beat timeout", "No frame or heart-beat from the client in time.")
+                await self._fail(error, code=CLOSE_TIMEOUT)
                 return
 
     async def _connect_deadline(self) -> None:
         await asyncio.sleep(self.settings.connect_timeout_seconds)
         if self.session is None and not self.closing:
-            await self._fail(StompError("connect timeout", "No CONNECT frame in time."))
+            await self._fail(StompError("connect timeout", "No CONNECT frame in time."), code=CLOSE_TIMEOUT)
 
     async def _send_frame(self, command: str, headers: dict[str, str], body: bytes = b"") -> None:
         data = render(command, headers, body, escapes=self.version not in ("", "1.0"))
@@ -328,7 +329,7 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         else:
             await self.send(text_data=data)
 
-    async def _fail(self, error: StompError, *, receipt: str | None = None, code: int = 1002) -> None:
+    async def _fail(self, error: StompError, *, receipt: str | None = None, code: int = CLOSE_BAD_FRAME) -> None:
         headers = {"message": error.message[:200], "content-type": "text/plain"}
         if receipt is not None:
             headers["receipt-id"] = receipt
@@ -337,7 +338,7 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             await self._send_frame("ERROR", headers, error.detail.encode("utf-8"))
         await self._close_now(code)
 
-    async def _close_now(self, code: int = 1000) -> None:
+    async def _close_now(self, code: int = CLOSE_NORMAL) -> None:
         if not self.closing:
             self.closing = True
             await self.close(code=code)

@@ -105,6 +105,8 @@ class Parser:
             if "content-length" in headers and body_start + int(headers["content-length"]) > self.max_frame_bytes:
                 raise FrameTooLarge(f"Frame larger than {self.max_frame_bytes} bytes.")
             return None
+        if body_end + 1 > self.max_frame_bytes:
+            raise FrameTooLarge(f"Frame larger than {self.max_frame_bytes} bytes.")
         body = bytes(self._buffer[body_start:body_end])
         del self._buffer[: body_end + 1]
         return Frame(command, headers, body)

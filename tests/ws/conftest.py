@@ -24,6 +24,12 @@ from django.db import connection
 ROOT = Path(__file__).resolve().parents[2]
 DAPHNE = str(Path(sys.executable).with_name("daphne"))
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # daphne's WebSocket message limit; the app's frame limit is lower
+DAPHNE_LIMITS = [
+    "--websocket-max-message-size",
+    str(MAX_MESSAGE_BYTES),
+    "--websocket-max-frame-size",
+    str(MAX_MESSAGE_BYTES),
+]
 
 
 @dataclass
@@ -64,7 +70,7 @@ def start_server(log: Path, **settings: str) -> Server:
         port = sock.getsockname()[1]
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [DAPHNE, "--fd", str(sock.fileno()), "--websocket-max-message-size", str(MAX_MESSAGE_BYTES),
+                [DAPHNE, "--fd", str(sock.fileno()), *DAPHNE_LIMITS,
                  "pegasus_site.asgi:application"],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=[sock.fileno()],
             )  # fmt: skip

@@ -52,6 +52,9 @@ def test_parse__too_large_is_refused_before_it_is_complete() -> None:
     parser = Parser(max_frame_bytes=100)
     with pytest.raises(FrameTooLarge):
         parser.feed(b"SEND\n\n" + b"x" * 200)
+    parser = Parser(max_frame_bytes=100)
+    with pytest.raises(FrameTooLarge):
+        parser.feed(b"SEND\n\n" + b"x" * 200 + b"\x00")
 
 
 def test_render__escapes_and_content_length() -> None:
