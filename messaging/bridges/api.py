@@ -11,12 +11,13 @@ from datetime import datetime
 from typing import Any
 
 from django.http import HttpRequest
-from ninja import Router, Schema
+from ninja import Router, Schema, Status
 
 from messaging import access
 from messaging.bridges import services
 from messaging.bridges.models import Bridge, TargetKind
 from messaging.exceptions import InvalidRequest
+from messaging.schemas import ErrorOut
 
 router = Router(tags=["bridges"])
 
@@ -79,15 +80,6 @@ class BridgeListOut(Schema):
     bridges: list[BridgeOut]
 
 
-class ErrorDetail(Schema):
-    code: str
-    message: str
-
-
-class ErrorOut(Schema):
-    error: ErrorDetail
-
-
 ERRORS: dict[int, Any] = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut}
 
 
@@ -98,11 +90,11 @@ def list_bridges(request: HttpRequest) -> dict[str, Any]:
 
 
 @router.post("", response={201: BridgeOut, **ERRORS})
-def create_bridge(request: HttpRequest, body: BridgeIn) -> tuple[int, dict[str, Any]]:
+def create_bridge(request: HttpRequest, body: BridgeIn) -> Status[dict[str, Any]]:
     access.require_admin(request.auth)  # type: ignore[attr-defined]
     fields = _fields(body.model_dump(exclude={"name"}))
     bridge = services.create_bridge(name=body.name, **fields)
-    return 201, render(bridge)
+    return Status(201, render(bridge))
 
 
 @router.get("/{name}", response={200: BridgeOut, **ERRORS})
@@ -125,10 +117,10 @@ def update_bridge(request: HttpRequest, name: str, body: BridgePatchIn) -> dict[
 
 
 @router.delete("/{name}", response={204: None, **ERRORS})
-def delete_bridge(request: HttpRequest, name: str) -> tuple[int, None]:
+def delete_bridge(request: HttpRequest, name: str) -> Status[None]:
     access.require_admin(request.auth)  # type: ignore[attr-defined]
     services.delete_bridge(bridge=services.get_bridge(name=name))
-    return 204, None
+    return Status(204, None)
 
 
 def _fields(given: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:

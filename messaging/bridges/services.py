@@ -165,7 +165,7 @@ def _effective_status(bridge: Bridge, state: BridgeState) -> str:
     if not bridge.enabled:
         return LinkStatus.STOPPED
     # A runner writes a heartbeat at least every few seconds; silence means nobody runs it.
-    stale_after = timedelta(seconds=max(30.0, 3 * conf.get().scan_seconds))
+    stale_after = timedelta(seconds=max(90.0, 3 * conf.get().scan_seconds))
     if state.heartbeat_at is None or clock.now() - state.heartbeat_at > stale_after:
         return LinkStatus.WAITING
     return state.status
