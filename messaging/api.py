@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from django.http import HttpRequest
 from ninja import Path, Query, Router, Status
 
-from messaging import access, broker, catalog, longpoll, queries
+from messaging import access, broker, catalog, group_commit, longpoll, queries
 from messaging.access import Action, Kind
 from messaging.models import Queue, Topic
 from messaging.schemas import (
@@ -164,11 +164,13 @@ def _browse(queue: Queue, *, state: str | None, after: str | None, limit: int) -
 
 
 @router.post("/queues/{name}/messages", response={201: PublishOut, **ERRORS}, tags=["messages"])
-def publish_to_queue(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
+async def publish_to_queue(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
     """Publish one message or a batch, all or nothing; 201 once durable messages are committed."""
-    queue = access.access_queue(user=_user(request), name=name, action=Action.SEND)
-    results = broker.publish(
-        queue=queue, messages=payload.outgoing_messages(), transaction_id=payload.transaction, user=_user(request)
+    user = _user(request)
+    queue = await longpoll.hop(access.access_queue)(user=user, name=name, action=Action.SEND)
+    # Async, so that concurrent publishes share one commit (messaging/group_commit.py).
+    results = await group_commit.publish(
+        queue=queue, messages=payload.outgoing_messages(), transaction_id=payload.transaction, user=user
     )
     return Status(201, {"messages": results})
 
@@ -221,11 +223,12 @@ def delete_topic(request: HttpRequest, name: Name) -> Status[None]:
 
 
 @router.post("/topics/{name}/messages", response={201: PublishOut, **ERRORS}, tags=["messages"])
-def publish_to_topic(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
+async def publish_to_topic(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
     """Publish to every subscription (whose filter matches) that exists now; 201 once committed."""
-    topic = access.access_topic(user=_user(request), name=name, action=Action.SEND)
-    results = broker.publish(
-        topic=topic, messages=payload.outgoing_messages(), transaction_id=payload.transaction, user=_user(request)
+    user = _user(request)
+    topic = await longpoll.hop(access.access_topic)(user=user, name=name, action=Action.SEND)
+    results = await group_commit.publish(
+        topic=topic, messages=payload.outgoing_messages(), transaction_id=payload.transaction, user=user
     )
     return Status(201, {"messages": results})
 

@@ -8,7 +8,8 @@ publishers with one flush each round. Each request still gets its own outcome: i
 the error it alone caused (see broker.publish_many).
 
 REST publish views and the WebSocket consumer call `await group_commit.publish(...)` where they
-would call `await database_sync_to_async(broker.publish)(...)`.
+would call `await database_sync_to_async(broker.publish)(...)`. The round is one hop
+(longpoll.hop: the connection goes back after it, unless a test's transaction holds it).
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from channels.db import database_sync_to_async
-
-from messaging import broker
+from messaging import broker, longpoll
 
 # One round carries at most this many messages: bounds the transaction and the wait behind it.
 MAX_ROUND_MESSAGES = 5000
@@ -65,7 +64,7 @@ class GroupCommitter:
 
     async def _commit(self, round_: list[_Pending]) -> None:
         try:
-            outcomes: Sequence[Any] = await database_sync_to_async(broker.publish_many)(
+            outcomes: Sequence[Any] = await longpoll.hop(broker.publish_many)(
                 requests=[request for request, _ in round_]
             )
         except Exception as exc:  # the hop itself failed: every publish of the round failed

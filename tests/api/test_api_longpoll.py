@@ -86,7 +86,11 @@ def _sessions() -> int:
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
-        return int(cursor.fetchone()[0])
+        count = int(cursor.fetchone()[0])
+    # With the connection pool (settings PEGASUS_DB_POOL), idle connections wait in the pool,
+    # held by nobody: only the ones checked out count.
+    pool = getattr(connection, "pool", None)
+    return count - (pool.get_stats().get("pool_available", 0) if pool is not None else 0)
 
 
 @pytest.mark.postgres
