@@ -49,10 +49,10 @@ def _pegasus(results: list[Result], name: str) -> Result | None:
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| system | stage | msg/s | compared with | RSS MB |", "|---|---|---:|---|---:|"]
+    lines = ["| system | stage | msg/s | compared with | RSS MB | server CPU |", "|---|---|---:|---|---:|---:|"]
     for r in results:
         if r.skipped or r.error:
-            lines.append(f"| {r.system} | {r.name} | {'skipped: ' + r.skipped if r.skipped else 'ERROR'} | | |")
+            lines.append(f"| {r.system} | {r.name} | {'skipped: ' + r.skipped if r.skipped else 'ERROR'} | | | |")
             continue
         figure = f"{r.rate:,.0f}" if r.rate is not None else ""
         if "p50_ms" in r.extra:
@@ -63,7 +63,8 @@ def table(results: list[Result]) -> str:
             if b and r.rate:
                 ratios.append(f"{r.rate / b:.2f}x {SHORT[base]}")
         rss = f"{r.extra['rss_mb']:.0f}" if "rss_mb" in r.extra else ""
-        lines.append(f"| {r.system} | {r.name} | {figure} | {', '.join(ratios)} | {rss} |")
+        cpu = f"{r.extra['server_cpu_pct']:.0f}%" if r.extra.get("server_cpu_pct") is not None else ""
+        lines.append(f"| {r.system} | {r.name} | {figure} | {', '.join(ratios)} | {rss} | {cpu} |")
     return "\n".join(lines)
 
 

@@ -38,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated substrings: run only matching stages")
     parser.add_argument("--seconds", type=float, help="override the duration of each throughput stage")
     parser.add_argument("--backlog", type=int, help="override the backlog size")
+    parser.add_argument(
+        "--profile", action="store_true", help="run the server under py-spy (bench/results/profile.txt.tmp)"
+    )
     return parser.parse_args()
 
 
@@ -53,7 +56,7 @@ async def main() -> int:
     server.recreate_database()
     token = server.migrate_and_token()
     baselines.create_raw_tables()
-    srv = server.Server()
+    srv = server.Server(profile=RESULTS / "profile.txt.tmp" if args.profile else None)
     results: list[Result] = []
     try:
         peg = pegasus.Pegasus(srv, token)
@@ -100,6 +103,7 @@ async def run_stages(todo: list[Stage], results: list[Result], srv: server.Serve
     for label, fn in bar:
         bar.set_description(label)
         system = label.split(":")[0]
+        cpu_before, wall_before = srv.cpu_seconds(), time.perf_counter()
         try:
             outcome = fn()
             if isinstance(outcome, Awaitable):
@@ -107,9 +111,13 @@ async def run_stages(todo: list[Stage], results: list[Result], srv: server.Serve
             got = outcome if isinstance(outcome, list) else [outcome]
         except Exception as exc:  # one failed stage is reported, and the others still run
             got = [_failed(label, system, exc)]
+        alive = srv.proc.poll() is None
+        # Share of one core the server used during the stage: near 100% means CPU-bound.
+        cpu = (srv.cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before) * 100 if alive else None
         for r in got:
-            if system == "pegasus" and "rss_mb" not in r.extra and srv.proc.poll() is None:
-                r.extra["rss_mb"] = srv.rss_mb()
+            if system == "pegasus" and alive:
+                r.extra.setdefault("rss_mb", srv.rss_mb())
+                r.extra.setdefault("server_cpu_pct", cpu)
         results += got
     return results
 

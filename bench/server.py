@@ -45,8 +45,10 @@ def server_env() -> dict[str, str]:
 
 def manage(*args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=server_env(), check=True, capture_output=True, text=True
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=server_env(), capture_output=True, text=True
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return out.stdout
 
 
@@ -64,17 +66,24 @@ def free_port() -> int:
 class Server:
     """One daphne process on a free port, serving the bench database."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, profile: Path | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_base = f"ws://127.0.0.1:{self.port}"
         self.log = open(ROOT / "bench" / "results" / "server.log.tmp", "w")
-        daphne = Path(sys.executable).parent / "daphne"
-        self.proc = subprocess.Popen(
-            [str(daphne), "-b", "127.0.0.1", "-p", str(self.port), "pegasus_site.asgi:application"],
-            cwd=ROOT, env=server_env(), stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        bin_dir = Path(sys.executable).parent
+        command = [str(bin_dir / "daphne"), "-b", "127.0.0.1", "-p", str(self.port), "pegasus_site.asgi:application"]
+        if profile is not None:  # sample the server with py-spy; collapsed stacks go to `profile`
+            command = [str(bin_dir / "py-spy"), "record", "-r", "200", "-f", "raw", "-o", str(profile), "--", *command]
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=server_env(), stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()
+        self.pid = self._server_pid(profile is not None)
+
+    def _server_pid(self, profiled: bool) -> int:
+        if not profiled:
+            return self.proc.pid
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(children[0])
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 60
@@ -91,14 +100,22 @@ class Server:
 
     def rss_mb(self) -> float:
         """Resident set size of the server process, in MB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if self.pid != self.proc.pid:  # py-spy writes its profile once the server exits
+                os.kill(self.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
