@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
@@ -54,15 +55,20 @@ class LiveSettings:
 
 
 def live_settings() -> LiveSettings:
+    """From settings.PEGASUS["WS_..."], else the environment (PEGASUS_WS_...), else defaults."""
     raw: dict[str, Any] = getattr(settings, "PEGASUS", {})
+
+    def get(name: str, default: float) -> float:
+        return float(raw.get(name, os.environ.get(f"PEGASUS_{name}", default)))
+
     return LiveSettings(
-        max_frame_bytes=int(raw.get("WS_MAX_FRAME_BYTES", 1024 * 1024 + 64 * 1024)),
-        recheck_seconds=float(raw.get("WS_RECHECK_SECONDS", 1.0)),
-        tick_seconds=float(raw.get("WS_TICK_SECONDS", 10.0)),
-        stomp_heartbeat_ms=int(raw.get("STOMP_HEARTBEAT_MS", 10_000)),
-        connect_timeout_seconds=float(raw.get("WS_CONNECT_TIMEOUT_SECONDS", 10.0)),
-        default_prefetch=int(raw.get("WS_DEFAULT_PREFETCH", 100)),
-        max_prefetch=int(raw.get("WS_MAX_PREFETCH", 10_000)),
+        max_frame_bytes=int(get("WS_MAX_FRAME_BYTES", 1024 * 1024 + 64 * 1024)),
+        recheck_seconds=get("WS_RECHECK_SECONDS", 1.0),
+        tick_seconds=get("WS_TICK_SECONDS", 10.0),
+        stomp_heartbeat_ms=int(get("STOMP_HEARTBEAT_MS", 10_000)),
+        connect_timeout_seconds=get("WS_CONNECT_TIMEOUT_SECONDS", 10.0),
+        default_prefetch=int(get("WS_DEFAULT_PREFETCH", 100)),
+        max_prefetch=int(get("WS_MAX_PREFETCH", 10_000)),
     )
 
 

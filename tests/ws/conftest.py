@@ -94,6 +94,26 @@ def _answers(port: int) -> bool:
         return False
 
 
+WAIT = 20  # seconds to wait for something expected (an upper bound, never a timing assertion)
+
+
+def eventually(check: Callable[[], Any]) -> Any:
+    """Poll until `check()` is truthy: the server cleans up after the client has gone."""
+    deadline = time.monotonic() + WAIT
+    while not (result := check()):
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+    return result
+
+
+def settle() -> None:
+    """Wait until the servers finished closing the test's connections (their last step removes
+    the consumer rows), so the test database can be flushed without racing them."""
+    from messaging.models import Consumer
+
+    eventually(lambda: not Consumer.objects.exists())
+
+
 @pytest.fixture(scope="session")
 def daphne_factory(
     django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
@@ -116,7 +136,8 @@ def daphne_factory(
 
 @pytest.fixture(scope="session")
 def server(daphne_factory: Callable[..., Server]) -> Server:
-    return daphne_factory()
+    # Heart-beats every second (when a client asks for them), so the heart-beat test is quick.
+    return daphne_factory(PEGASUS_STOMP_HEARTBEAT_MS="1000")
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Origin
 
 from messaging import broker
 from messaging.models import Consumer, Queue
+from tests.ws.conftest import WAIT, eventually, settle
 
 pytestmark = pytest.mark.django_db(transaction=True)
-WAIT = 20
 
 
 class Client:
@@ -32,10 +33,10 @@ class Client:
             if op is None or frame["op"] == op:
                 return self.pending.pop(i)
         while True:
-            frame = json.loads(self.ws.recv(timeout=WAIT))
-            if op is None or frame["op"] == op:
-                return frame
-            self.pending.append(frame)
+            got: dict[str, Any] = json.loads(self.ws.recv(timeout=WAIT))
+            if op is None or got["op"] == op:
+                return got
+            self.pending.append(got)
 
     def call(self, **frame: Any) -> dict[str, Any]:
         self.send(corr=frame.get("corr", "c"), **{k: v for k, v in frame.items() if k != "corr"})
@@ -61,6 +62,7 @@ def client(server: Any, admin_token: str) -> Iterator[Callable[..., Client]]:
             return Client(stack.enter_context(connect(f"{server.ws}/ws/v1/?token={admin_token}", **options)))
 
         yield open_
+    settle()
 
 
 def test_publish_is_confirmed_and_consumed(client: Any, queue_factory: Any) -> None:
@@ -91,8 +93,6 @@ def test_consumer_is_registered_while_connected(client: Any, queue_factory: Any)
     row = Consumer.objects.get(queue__name="seen")
     assert (row.protocol, row.prefetch) == ("json", 5)
     c.ws.close()
-    from tests.ws.test_stomp_py import eventually
-
     eventually(lambda: not Consumer.objects.filter(queue__name="seen").exists())
 
 
@@ -139,8 +139,6 @@ def test_topic_subscriptions(client: Any) -> None:
     got = sorted(c.next("message")["subscription"] for _ in range(2))
     assert got == ["durable", "temp"]
     c.ws.close()
-    from tests.ws.test_stomp_py import eventually
-
     eventually(lambda: list(Queue.objects.filter(topic__name="news").values_list("name", flat=True)) == ["keep"])
 
 
@@ -172,14 +170,15 @@ def test_frame_too_large(client: Any) -> None:
 
 
 def test_unauthenticated_and_foreign_origin_are_refused(server: Any, admin_token: str) -> None:
-    for url, options in [
-        (f"{server.ws}/ws/v1/", {}),
-        (f"{server.ws}/ws/v1/?token=wrong", {}),
-        (f"{server.ws}/ws/v1/?token={admin_token}", {"origin": "http://evil.example"}),
-    ]:
-        with pytest.raises(InvalidStatus), connect(url, **options):
+    refused: list[tuple[str, Any]] = [
+        (f"{server.ws}/ws/v1/", None),
+        (f"{server.ws}/ws/v1/?token=wrong", None),
+        (f"{server.ws}/ws/v1/?token={admin_token}", Origin("http://evil.example")),
+    ]
+    for url, origin in refused:
+        with pytest.raises(InvalidStatus), connect(url, origin=origin):
             pass
     headers = {"Authorization": f"Bearer {admin_token}"}
-    with connect(f"{server.ws}/ws/v1/", origin="http://localhost:8000", additional_headers=headers) as ws:  # type: ignore[arg-type]
+    with connect(f"{server.ws}/ws/v1/", origin=Origin("http://localhost:8000"), additional_headers=headers) as ws:
         ws.send(json.dumps({"op": "ping"}))
         assert json.loads(ws.recv(timeout=WAIT))["op"] == "pong"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import queue as queue_mod
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,9 +12,9 @@ import stomp
 
 from messaging import broker
 from messaging.models import Queue
+from tests.ws.conftest import WAIT, eventually, settle
 
 pytestmark = pytest.mark.django_db(transaction=True)
-WAIT = 20  # seconds to wait for an expected frame (an upper bound, not a timing assertion)
 
 
 class Collector(stomp.ConnectionListener):  # type: ignore[misc]
@@ -44,15 +43,6 @@ class Collector(stomp.ConnectionListener):  # type: ignore[misc]
         return False
 
 
-def eventually(check: Callable[[], Any]) -> Any:
-    """Poll until `check()` is truthy: the server cleans up after the client has gone."""
-    deadline = time.monotonic() + WAIT
-    while not (result := check()):
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-    return result
-
-
 @pytest.fixture
 def connect(server: Any, admin_token: str) -> Iterator[Callable[..., tuple[Any, Collector]]]:
     opened: list[Any] = []
@@ -70,6 +60,7 @@ def connect(server: Any, admin_token: str) -> Iterator[Callable[..., tuple[Any, 
     for conn in opened:
         with contextlib.suppress(Exception):  # the server may have closed it (ERROR frames)
             conn.disconnect()
+    settle()
 
 
 def test_queue_send_receive_ack(connect: Any, queue_factory: Any) -> None:

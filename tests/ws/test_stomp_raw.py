@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
+
+from tests.ws.conftest import WAIT
 
 pytestmark = pytest.mark.django_db(transaction=True)
-WAIT = 20
 
 
 def frame(command: str, body: str = "", **headers: str) -> str:
@@ -77,7 +79,7 @@ def test_subprotocols_and_versions(
     server: Any, admin_token: str, queue_factory: Any, offered: str, version: str
 ) -> None:
     queue_factory("versions")
-    with open_stomp(server, admin_token, version, subprotocols=[offered]) as ws:  # type: ignore[list-item]
+    with open_stomp(server, admin_token, version, subprotocols=[Subprotocol(offered)]) as ws:
         assert ws.subprotocol == offered
         ws.send(frame("SUBSCRIBE", id="s", destination="/queue/versions", ack="client"))
         ws.send(frame("SEND", "hi", destination="/queue/versions"))
@@ -91,6 +93,6 @@ def test_subprotocols_and_versions(
 
 def test_server_heart_beats(server: Any, admin_token: str) -> None:
     with connect(f"{server.ws}/ws/stomp/") as ws:
-        ws.send(frame("CONNECT", accept_version="1.2", login="alice", passcode=admin_token, heart_beat="0,10"))
+        ws.send(frame("CONNECT", accept_version="1.2", login="alice", passcode=admin_token, heart_beat="0,500"))
         assert "heart-beat:" in recv(ws)
         assert ws.recv(timeout=WAIT) == "\n"  # within the server's interval
