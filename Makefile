@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PG_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+# WebSocket messages up to 4 MiB reach Pegasus, which answers frames over its own limit
+# (PEGASUS_WS_MAX_FRAME_BYTES, 1 MiB + 64 KiB) with an error frame (docs/websocket.md).
+DAPHNE_WS_LIMITS ?= --websocket-max-message-size 4194304 --websocket-max-frame-size 4194304
 
 .PHONY: help run test test-pg lint fmt bench bench-smoke faults install
 .DEFAULT_GOAL := help
@@ -21,7 +24,7 @@ install: $(STAMP) ## create .venv and install everything from pyproject.toml
 run: $(STAMP) ## migrate the embedded SQLite database, print a login and a token, serve on :8000
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py dev_setup
-	$(VENV)/bin/daphne -b 127.0.0.1 -p 8000 pegasus_site.asgi:application
+	$(VENV)/bin/daphne -b 127.0.0.1 -p 8000 $(DAPHNE_WS_LIMITS) pegasus_site.asgi:application
 
 test: $(STAMP) ## the whole suite (DATABASE_URL=postgres://... runs it on PostgreSQL)
 	$(PY) -m pytest $(PYTEST_ARGS)
