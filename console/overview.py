@@ -4,9 +4,12 @@ Never mutates (except flushing this process's rate counters, which is bookkeepin
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db.models import Count
 
@@ -60,7 +63,7 @@ class Overview:
 
 def overview() -> Overview:
     rates.flush()  # this process's latest counts; other processes flush on their own timer
-    stats = queries.all_queue_stats()
+    stats = _adaptive(("all",), queries.all_queue_stats)
     series = rates.series()
     empty = rates.empty_series()
 
@@ -83,7 +86,8 @@ def destination_row(queue: Queue) -> Row:
     """One queue or subscription's stats and rates (its page)."""
     rates.flush()
     scope = f"queue:{queue.pk}"
-    return Row(queue.label, queue, queries.queue_stats(queue), rates.series([scope]).get(scope, rates.empty_series()))
+    stats = _adaptive(("queue", queue.pk), lambda: queries.all_queue_stats([queue.pk]))[queue.pk]
+    return Row(queue.label, queue, stats, rates.series([scope]).get(scope, rates.empty_series()))
 
 
 @dataclass
@@ -93,11 +97,12 @@ class TransactionRow:
     staged_acks: int
 
 
-def transactions() -> dict[str, list[TransactionRow]]:
-    """Open and prepared (in-doubt) transactions with how much work each holds."""
+def transactions(*, user: Any) -> dict[str, list[TransactionRow]]:
+    """Open and prepared (in-doubt) transactions with how much work each holds (superusers see
+    all of them, other staff their own, as the broker decides)."""
     out: dict[str, list[TransactionRow]] = {}
     for state in (TxState.PREPARED, TxState.OPEN):
-        txns = broker.list_transactions(state=state)
+        txns = broker.list_transactions(state=state, user=user)
         work: dict[tuple[str, int], int] = {}
         ids = [t.pk for t in txns]
         for store in broker.STORES:
@@ -124,3 +129,42 @@ def live_consumers() -> list[Consumer]:
         .select_related("queue__topic", "user")
         .order_by("queue__name", "connected_at", "pk")[:1000]
     )
+
+
+# --------------------------------------------------------------------------- adaptive cache
+
+# Counting a queue of millions takes a noticeable fraction of a second, and every open console
+# tab refreshes every few seconds. A read that took longer than SLOW_SECONDS is reused for
+# REUSE_FACTOR times as long, so console refreshes never keep the database more than about a
+# quarter busy, however many tabs are open; fast reads (small queues) are never cached.
+SLOW_SECONDS = 0.2
+REUSE_FACTOR = 4
+T = TypeVar("T")
+_cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
+_cache_lock = threading.Lock()
+
+
+def _adaptive(key: tuple[Any, ...], compute: Callable[[], T]) -> T:
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit is not None and hit[0] > time.monotonic():
+        value: T = hit[1]
+        return value
+    started = time.monotonic()
+    value = compute()
+    took = time.monotonic() - started
+    if took > SLOW_SECONDS:
+        with _cache_lock:
+            _cache[key] = (time.monotonic() + REUSE_FACTOR * took, value)
+    return value
+
+
+def forget(queue_pk: int | None = None) -> None:
+    """Drop cached stats (of one queue and the overview, or all) after an operator action, so
+    its result shows at once."""
+    with _cache_lock:
+        if queue_pk is None:
+            _cache.clear()
+        else:
+            _cache.pop(("all",), None)
+            _cache.pop(("queue", queue_pk), None)

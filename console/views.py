@@ -124,20 +124,13 @@ def destination(request: HttpRequest, pk: int) -> HttpResponse:
     _require(request, queue, access.Action.BROWSE)
     form = BrowseForm(request.GET or None)
     rows: list[queries.BrowsedMessage] = []
-    has_more = False
+    resume: str | None = None
     if form.is_bound and not form.is_valid():
         messages.error(request, "Check the filter.")
     else:
-        data = form.cleaned_data if form.is_bound else {}
-        header = (data["header"], data["value"]) if data.get("header") else None
-        rows = queries.browse(
-            queue, state=data.get("state") or None, after=data.get("after") or None, limit=PAGE_SIZE + 1, header=header
-        )
-        has_more = len(rows) > PAGE_SIZE  # one row more than a page says "there is a next page"
-        rows = rows[:PAGE_SIZE]
+        rows, resume = _browse(queue, form.cleaned_data if form.is_bound else {})
     next_query = request.GET.copy()
-    if rows:
-        next_query["after"] = rows[-1].cursor
+    next_query["after"] = resume or ""
     first_query = request.GET.copy()
     first_query.pop("after", None)
     ctx = _context(
@@ -147,14 +140,28 @@ def destination(request: HttpRequest, pk: int) -> HttpResponse:
         r=overview.destination_row(queue),
         form=form,
         rows=[(row, bodies.preview(row.body, row.content_type)) for row in rows],
-        has_more=has_more,
+        has_more=resume is not None,
         next_query=next_query.urlencode(),
         first_query=first_query.urlencode(),
         paged=bool(request.GET.get("after")),
+        page_size=PAGE_SIZE,
         targets=Queue.objects.filter(topic__isnull=True).exclude(pk=queue.pk).order_by("name")[:500],
         this_url=request.get_full_path(),
     )
     return render(request, "console/destination.html", ctx)
+
+
+def _browse(queue: Queue, data: dict[str, Any]) -> tuple[list[queries.BrowsedMessage], str | None]:
+    """One page and the cursor of the next (None at the end). Unfiltered pages are a plain
+    keyset read; filtered ones scan a bounded window of the queue per page (browse_window), so
+    a rare match on a huge queue costs several quick pages, never one long scan."""
+    after = data.get("after") or None
+    if not data.get("state") and not data.get("header"):
+        rows = queries.browse(queue, after=after, limit=PAGE_SIZE + 1)
+        more = len(rows) > PAGE_SIZE  # one row more than a page says "there is a next page"
+        return rows[:PAGE_SIZE], rows[PAGE_SIZE - 1].cursor if more else None
+    header = (data["header"], data["value"]) if data.get("header") else None
+    return queries.browse_window(queue, state=data.get("state") or None, after=after, limit=PAGE_SIZE, header=header)
 
 
 @console_view
@@ -305,6 +312,9 @@ def _act(
         result = audit.audited(
             user=request.user, action=action, target=queue.label, operation=operation, count=count, details=details
         )
+        overview.forget(queue.pk)
+        if details and "target" in details:
+            overview.forget()
     except BrokerError as error:
         messages.error(request, f"{action}: {error.message}")
     else:
@@ -318,7 +328,7 @@ def _act(
 @console_view
 @require_GET
 def transactions(request: HttpRequest) -> HttpResponse:
-    ctx = _context(request, title="Transactions", txns=overview.transactions())
+    ctx = _context(request, title="Transactions", txns=overview.transactions(user=request.user))
     return render(request, "console/transactions.html", ctx)
 
 
@@ -328,8 +338,8 @@ def transaction_action(request: HttpRequest, txid: str, op: str) -> HttpResponse
     """Commit or roll back a prepared (in-doubt) transaction."""
     if op not in ("commit", "rollback"):
         raise Http404()
+    # The broker lets superusers finish any transaction and others only their own.
     txn = broker.get_transaction(transaction_id=txid, user=request.user)
-    access.require(request.user, access.Action.MANAGE, kind=access.Kind.QUEUE, name="*")
     finish = broker.commit if op == "commit" else broker.rollback
 
     def operation() -> Any:

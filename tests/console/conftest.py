@@ -72,6 +72,18 @@ def _start(log: Path) -> ConsoleServer:
     raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+@pytest.fixture(autouse=True)
+def _no_stats_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Console stats are cached only when a read is slow; a slow CI machine must not make the
+    tests see stale numbers (test_overview_cache.py tests the cache itself)."""
+    from console import overview
+
+    overview.forget()
+    monkeypatch.setattr(overview, "SLOW_SECONDS", float("inf"))
+    yield
+    overview.forget()
+
+
 @pytest.fixture(scope="session")
 def console_server(
     django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory

@@ -304,3 +304,46 @@ def test_leased_rows_untouched_by_every_action(console, queue_factory, publish):
     console.post(url("console_purge", q.pk))
     assert Delivery.objects.get().state == State.LEASED
     assert broker.ack(receipts=[m.receipt]) == ["ok"]
+
+
+def test_browse__filtered_pages_scan_a_bounded_window(queue_factory, publish):
+    """A rare match deep in a queue is reached by paging on, each page reading at most `scan` rows."""
+    q = queue_factory()
+    publish(q, *[f"m{i}" for i in range(30)])
+    publish(q, "needle", headers={"kind": "rare"})
+    rows, resume = queries.browse_window(q, header=("kind", "rare"), scan=10)
+    assert rows == [] and resume is not None
+    seen = []
+    while resume is not None:
+        rows, resume = queries.browse_window(q, header=("kind", "rare"), scan=10, after=resume)
+        seen += [m.body for m in rows]
+    assert seen == ["needle"]
+    rows, resume = queries.browse_window(q, state="ready", limit=5, scan=100)
+    assert [m.body for m in rows] == ["m0", "m1", "m2", "m3", "m4"] and resume == rows[-1].cursor
+
+
+def test_browse_page__filtered_continuation_link(console, queue_factory, publish, monkeypatch):
+    q = queue_factory()
+    publish(q, *[f"m{i}" for i in range(5)])
+    publish(q, "needle", headers={"kind": "rare"})
+    real = queries.browse_window
+    monkeypatch.setattr(queries, "browse_window", lambda *a, **kw: real(*a, **{**kw, "scan": 3}))
+    html = console.get(url("console_destination", q.pk), {"header": "kind", "value": "rare"}).content.decode()
+    assert "needle" not in html and "searches on" in html
+    nxt = find(r'href="\?([^"]*)" id="next-page"', html).replace("&amp;", "&")
+    html = console.get(url("console_destination", q.pk) + "?" + nxt).content.decode()
+    assert "needle" in html
+
+
+def test_transactions__staff_see_and_finish_only_their_own(client, django_user_model, alice):
+    carol = django_user_model.objects.create_user("carol", is_staff=True)
+    mine, hers = broker.begin(user=carol), broker.begin(user=alice)
+    for txn in (mine, hers):
+        broker.prepare(transaction_id=txn.id)
+    client.force_login(carol)
+    html = client.get(url("console_transactions")).content.decode()
+    assert mine.id in html and hers.id not in html
+    assert client.post(url("console_transaction", hers.id, "commit")).status_code == 404
+    client.post(url("console_transaction", mine.id, "rollback"))
+    assert broker.get_transaction(transaction_id=mine.id).state == "rolled_back"
+    assert broker.get_transaction(transaction_id=hers.id).state == "prepared"
