@@ -34,7 +34,7 @@ def _storable(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_storable)]
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200, examples=["orders"])]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]
 Receipt = Annotated[Text, Field(max_length=200)]
 
 
@@ -46,7 +46,7 @@ class In(Schema):
 
 
 class ErrorDetail(Schema):
-    code: str = Field(examples=["queue_not_found"])
+    code: str = Field(description="snake_case, e.g. queue_not_found")
     message: str
 
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
-from django.db import IntegrityError, InterfaceError, OperationalError
+from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -139,6 +139,14 @@ def database_unavailable(request: HttpRequest, exc: Exception) -> HttpResponse:
     log.warning("database unavailable: %s", exc)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return error_response(request, 503, Unavailable.code, Unavailable().message, headers)
+
+
+@api.exception_handler(DataError)
+def data_error(request: HttpRequest, exc: DataError) -> HttpResponse:
+    # Input the schemas let through but the database cannot store (a NUL in a path, a number
+    # out of range): the client's fault, and nothing was written (the transaction rolled back).
+    log.warning("data error on %s %s: %s", request.method, request.path, exc)
+    return error_response(request, 400, "invalid_request", "A value in the request cannot be stored.")
 
 
 @api.exception_handler(IntegrityError)

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from django.db import InterfaceError, OperationalError
+from django.db import DataError, InterfaceError, OperationalError
 from django.test import Client
 
 from messaging import access
@@ -145,3 +145,13 @@ async def test_body_limit__bodies_within_the_limit_pass_through(small_limit: int
 
 async def test_body_limit__garbage_content_length_is_refused(small_limit: int):
     assert (await _call(BodyLimit(FakeApp()), [(b"content-length", b"12x")], [b""]))[0] == 413
+
+
+def test_values_the_database_cannot_store_are_400(user_api: Api, monkeypatch):
+    def refuse(**kwargs: Any) -> Any:
+        raise DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+
+    monkeypatch.setattr(access, "access_queue", refuse)
+    r = user_api.get("/queues/q")
+    assert r.status_code == 400 and error_code(r) == "invalid_request"
+    assert user_api.get("/transactions/ab%00cd").status_code == 400  # our own schemas refuse NUL first
