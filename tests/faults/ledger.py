@@ -7,6 +7,9 @@ delivery can always be traced back to the attempt that caused it. A publish atte
 - failed: the broker said no, definitely (a 4xx, or an error raised before anything was sent);
 - unknown: we cannot know (connection reset, server killed, timeout, 503 after sending).
 
+`attempted` counts keys; `unknown` counts attempts without a definite answer; `unresolved`
+counts keys that never got one (a crash at the very end).
+
 `check()` drains nothing itself: the scenario drains the queue first, recording what it gets,
 then asks the ledger for its figures:
 
@@ -37,6 +40,7 @@ class Figures:
     confirmed: int = 0
     failed: int = 0
     unknown: int = 0
+    unresolved: int = 0
     delivered: int = 0
     deliveries: int = 0
     acked: int = 0
@@ -117,7 +121,10 @@ class Ledger:
         confirmed = {k for k, o in self._outcomes.items() if OK in o}
         f.confirmed = len(confirmed)
         f.failed = sum(1 for o in self._outcomes.values() if set(o) == {FAILED})
-        f.unknown = sum(1 for o in self._outcomes.values() if OK not in o and UNKNOWN in o)
+        # unknown counts attempts without a definite answer (each was retried or given up);
+        # unresolved counts keys that never got a definite answer at all.
+        f.unknown = sum(o.count(UNKNOWN) for o in self._outcomes.values())
+        f.unresolved = sum(1 for o in self._outcomes.values() if OK not in o and FAILED not in o)
         delivered_ids: dict[str, set[str]] = defaultdict(set)
         by_message: dict[str, list[_Delivery]] = defaultdict(list)
         for d in self._deliveries:
