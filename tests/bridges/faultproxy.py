@@ -21,7 +21,7 @@ class Faults:
     drop_request: float = 0.05  # per client->server chunk: connection closed, the chunk lost
     cut_response: float = 0.10  # per server->client chunk: half of it sent, then closed
     delay: float = 0.20  # per chunk: held 20-300 ms
-    stall: float = 0.02  # per chunk: held past the client's timeout
+    stall: float = 0.01  # per chunk: held past the client's timeout
     stall_seconds: float = 4.0
 
 

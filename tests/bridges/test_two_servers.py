@@ -1,6 +1,7 @@
-"""The acceptance test of issue 8: two Pegasus servers (two daphne processes, two databases), a
-bridge between them through a TCP fault proxy that refuses, drops, delays, stalls and cuts
-connections, and a kill -9 and restart of the source server in the middle of the run.
+"""The acceptance test of issue 8: two Pegasus servers (two databases; the source served by two
+daphne processes, the target by one), a bridge between them through a TCP fault proxy that
+refuses, drops, delays, stalls and cuts connections, and a kill -9 and restart of the source
+process running the bridge in the middle of the run.
 
 10,000 messages in batches of 100 (PEGASUS_BRIDGE_FAULT_MESSAGES to change the count): all of
 them must arrive, once each, in order. The figures are printed at the end of the run.
@@ -164,29 +165,27 @@ def _receive_all(server: Server, token: str) -> list[str]:
 @pytest.mark.django_db(transaction=True)
 def test_bridge__10000_messages_through_a_faulty_link_and_a_kill_9(tmp_path, target_database, alice, token_for, capsys):
     seed = int(os.environ.get("PEGASUS_BRIDGE_FAULT_SEED", secrets.randbelow(10**6)))
-    target = Server("target", target_database, {"PEGASUS_BRIDGES_RUNNER": "off"}, tmp_path).start()
-    target_token = _manage_token(target_database)
-    proxy = FaultProxy(target.port, seed=seed).start()
-    source = Server("source", _source_database_url(), {
-        "PEGASUS_BRIDGES_RUNNER": "on", "PEGASUS_BRIDGE_TARGETS": f"http://127.0.0.1:{proxy.port}",
-        "PEGASUS_BRIDGE_TIMEOUT": "2", "PEGASUS_BRIDGE_BACKOFF_MAX": "1",
-    }, tmp_path)  # fmt: skip
-    started = time.monotonic()
+    target = Server("target", target_database, {"PEGASUS_BRIDGES_RUNNER": "off"}, tmp_path)
+    proxy: FaultProxy | None = None
+    # Two processes serve the source database, as in production: each runs a bridge supervisor,
+    # and the lock lets exactly one of them forward the bridge at a time.
+    sources = [Server(f"source{n}", _source_database_url(), {
+        "PEGASUS_BRIDGES_RUNNER": "on", "PEGASUS_BRIDGE_TIMEOUT": "2", "PEGASUS_BRIDGE_BACKOFF_MAX": "1",
+    }, tmp_path) for n in (1, 2)]  # fmt: skip
     try:
+        target.start()
+        target_token = _manage_token(target_database)
+        proxy = FaultProxy(target.port, seed=seed).start()
         # The target queue keeps dedup records for an hour: far longer than any retry here.
         with httpx.Client(base_url=target.url, headers={"Authorization": f"Bearer {target_token}"}) as http:
             r = http.post("/api/v1/queues", json={"name": "inbox", "dedup_window_seconds": 3600})
             assert r.status_code in (200, 201), r.text
         # Generous max_deliveries: each kill -9 mid-batch costs that batch one delivery.
         outbox, _ = broker.create_queue(name="outbox", settings=broker.QueueSettings(max_deliveries=100))
-        source.start()
-        with httpx.Client(base_url=source.url, headers={"Authorization": f"Bearer {token_for(alice)}"}) as http:
-            r = http.post("/api/v1/bridges", json={
-                "name": "to-target", "source_queue": "outbox", "target_url": f"http://127.0.0.1:{proxy.port}",
-                "target_queue": "inbox", "target_token": target_token, "batch_size": BATCH,
-            })  # fmt: skip
-            assert r.status_code == 201, r.text
-            assert "target_token" not in r.json() and r.json()["token_set"] is True
+        for source in sources:
+            source.env["PEGASUS_BRIDGE_TARGETS"] = f"http://127.0.0.1:{proxy.port}"
+            source.start()
+        _create_bridge(sources[0], token_for(alice), proxy.port, target_token)
 
         started = time.monotonic()
         for start in range(0, MESSAGES, 1000):
@@ -194,22 +193,29 @@ def test_bridge__10000_messages_through_a_faulty_link_and_a_kill_9(tmp_path, tar
             broker.publish(queue=outbox, messages=[broker.OutgoingMessage(body=b) for b in bodies])
 
         killed_at = _wait_for(target, target_token, MESSAGES * 3 // 10, started)
-        source.kill9()
-        source.start()
+        victim = _runner_process(sources)
+        victim.kill9()
+        victim.start()
         _wait_for(target, target_token, MESSAGES, started)
         seconds = time.monotonic() - started
         _wait_until_source_is_drained(outbox, started)
+        survivor = _runner_process(sources)
     finally:
-        source.stop()
-        proxy.stop()
-
-    received = _receive_all(target, target_token)
-    target.stop()
+        for source in sources:
+            source.stop()
+        if proxy is not None:
+            proxy.stop()
+    try:
+        received = _receive_all(target, target_token)
+    finally:
+        target.stop()
     expected = [f"{i:06d}" for i in range(MESSAGES)]
     state = BridgeState.objects.get(bridge=Bridge.objects.get(name="to-target"))
     figures = {
         "messages": MESSAGES, "batch_size": BATCH, "seed": seed, "seconds": round(seconds, 1),
-        "killed_source_after": killed_at, "faults": dict(proxy.counts), "failed_attempts_retried": state.retry_count,
+        "source_processes": len(sources), "killed_runner_after": killed_at,
+        "runners": f"{victim.name} (killed -9, restarted), then {survivor.name}",
+        "faults": dict(proxy.counts), "failed_attempts_retried": state.retry_count,
         "duplicates_answered_by_target": state.duplicate_count,
         "lost": len(set(expected) - set(received)), "duplicated": len(received) - len(set(received)),
         "in_order": received == expected,
@@ -218,7 +224,30 @@ def test_bridge__10000_messages_through_a_faulty_link_and_a_kill_9(tmp_path, tar
         print(f"\nbridge fault run: {json.dumps(figures)}")
     assert figures["lost"] == 0 and figures["duplicated"] == 0 and len(received) == MESSAGES
     assert received == expected
-    assert source.starts == 2 and sum(v for k, v in proxy.counts.items() if k != "connections") > 0
+    assert victim.starts == 2 and sum(v for k, v in proxy.counts.items() if k != "connections") > 0
+
+
+def _create_bridge(source: Server, admin_token: str, proxy_port: int, target_token: str) -> None:
+    with httpx.Client(base_url=source.url, headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        r = http.post("/api/v1/bridges", json={
+            "name": "to-target", "source_queue": "outbox", "target_url": f"http://127.0.0.1:{proxy_port}",
+            "target_queue": "inbox", "target_token": target_token, "batch_size": BATCH,
+        })  # fmt: skip
+    assert r.status_code == 201, r.text
+    assert "target_token" not in r.json() and r.json()["token_set"] is True
+
+
+def _runner_process(sources: list[Server]) -> Server:
+    """The source process that holds the bridge's runner lock, by the pid it reports."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runner = BridgeState.objects.get(bridge__name="to-target").runner
+        pid = int(runner.rsplit(":", 1)[1]) if runner else 0
+        for source in sources:
+            if source.process is not None and source.process.pid == pid and source.process.poll() is None:
+                return source
+        time.sleep(0.25)
+    raise AssertionError(f"no live source process reports running the bridge (runner={runner!r})")
 
 
 def _wait_for(target: Server, token: str, count: int, started: float) -> int:
