@@ -85,12 +85,14 @@ ERRORS: dict[int, Any] = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: Erro
 
 @router.get("", response={200: BridgeListOut, **ERRORS})
 def list_bridges(request: HttpRequest) -> dict[str, Any]:
+    """Every bridge with its state (status, forwarded, lag, last error, ...)."""
     access.require_admin(request.auth)  # type: ignore[attr-defined]
     return {"bridges": [render(b) for b in services.list_bridges()]}
 
 
 @router.post("", response={201: BridgeOut, **ERRORS})
 def create_bridge(request: HttpRequest, body: BridgeIn) -> Status[dict[str, Any]]:
+    """Create a bridge (201). target_url must be allowed by the operator (PEGASUS_BRIDGE_TARGETS)."""
     access.require_admin(request.auth)  # type: ignore[attr-defined]
     fields = _fields(body.model_dump(exclude={"name"}))
     bridge = services.create_bridge(name=body.name, **fields)
@@ -99,12 +101,14 @@ def create_bridge(request: HttpRequest, body: BridgeIn) -> Status[dict[str, Any]
 
 @router.get("/{name}", response={200: BridgeOut, **ERRORS})
 def get_bridge(request: HttpRequest, name: str) -> dict[str, Any]:
+    """One bridge with its state."""
     access.require_admin(request.auth)  # type: ignore[attr-defined]
     return render(services.get_bridge(name=name))
 
 
 @router.patch("/{name}", response={200: BridgeOut, **ERRORS})
 def update_bridge(request: HttpRequest, name: str, body: BridgePatchIn) -> dict[str, Any]:
+    """Change fields; a missing or empty target_token keeps the stored one."""
     access.require_admin(request.auth)  # type: ignore[attr-defined]
     bridge = services.get_bridge(name=name)
     given = body.model_dump(exclude_unset=True)
@@ -118,6 +122,7 @@ def update_bridge(request: HttpRequest, name: str, body: BridgePatchIn) -> dict[
 
 @router.delete("/{name}", response={204: None, **ERRORS})
 def delete_bridge(request: HttpRequest, name: str) -> Status[None]:
+    """Delete a bridge (204); its messages stay in the source."""
     access.require_admin(request.auth)  # type: ignore[attr-defined]
     services.delete_bridge(bridge=services.get_bridge(name=name))
     return Status(204, None)

@@ -102,3 +102,10 @@ def test_list_get_patch_delete(api, outbox):
     assert api("patch", "/to-dc2", {"target_url": "http://evil.example"}).status_code == 400
     assert api("delete", "/to-dc2").status_code == 204
     assert api("get", "/to-dc2").status_code == 404
+
+
+def test_openapi__documents_the_bridges_without_a_readable_token(client):
+    schema = client.get("/api/v1/openapi.json").json()
+    assert {"/api/v1/bridges", "/api/v1/bridges/{name}"} <= set(schema["paths"])
+    assert "target_token" in schema["components"]["schemas"]["BridgeIn"]["properties"]
+    assert "target_token" not in schema["components"]["schemas"]["BridgeOut"]["properties"]
