@@ -85,3 +85,59 @@ def insert_messages(
         cursor.execute(sql, params)
         pks = [row[0] for row in cursor.fetchall()]
     return pks, routed
+
+
+# --------------------------------------------------------------------------- receive
+
+# Lock the best `limit` deliverable rows of each store (skipping rows other consumers hold).
+_CHOOSE_SQL = """
+WITH d AS (
+  SELECT id, priority, visible_at FROM {durable}
+  WHERE queue_id = %s AND state = 1 AND visible_at <= %s AND (expires_at IS NULL OR expires_at > %s)
+  ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED
+), t AS (
+  SELECT id, priority, visible_at FROM {transient}
+  WHERE queue_id = %s AND state = 1 AND visible_at <= %s AND (expires_at IS NULL OR expires_at > %s)
+  ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED
+)
+SELECT 0, id, priority, visible_at FROM d UNION ALL SELECT 1, id, priority, visible_at FROM t
+"""
+
+# Lease the chosen rows of one store and read them with their messages, in one round trip.
+_LEASE_SQL = """
+WITH u AS (
+  UPDATE {delivery} SET state = 2, visible_at = %s, lease_token = %s, delivery_count = delivery_count + 1
+  WHERE id = ANY(%s)
+  RETURNING id, message_id, delivery_count, lease_token, dead_letter_reason, origin_queue_id
+)
+SELECT u.id, u.delivery_count, u.lease_token, u.dead_letter_reason, u.origin_queue_id,
+       m.id, m.body, m.content_type, m.headers, m.priority, m.published_at, m.expires_at
+FROM u JOIN {message} m ON m.id = u.message_id
+"""
+
+LeasedRow = tuple[int, int, str, str, "int | None", int, str, str, Any, int, datetime, "datetime | None"]
+
+
+def choose(
+    *, stores: Sequence[Store], queue_id: int, limit: int, now: datetime
+) -> list[tuple[int, int, int, datetime]]:
+    """Lock up to `limit` deliverable rows per store: (store index, pk, priority, visible_at)."""
+    durable, transient = stores
+    sql = _CHOOSE_SQL.format(durable=durable.delivery._meta.db_table, transient=transient.delivery._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [queue_id, now, now, limit] * 2)
+        return [(int(s), int(pk), int(p), v) for s, pk, p, v in cursor.fetchall()]
+
+
+def lease(*, store: Store, ids: list[int], deadline: datetime, token: str) -> list[LeasedRow]:
+    """Lease rows already locked by `choose`; each row with its message's columns."""
+    sql = _LEASE_SQL.format(delivery=store.delivery._meta.db_table, message=store.message._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [deadline, token, ids])
+        rows: list[LeasedRow] = cursor.fetchall()
+    return rows
+
+
+def json_value(value: Any) -> Any:
+    """A jsonb column as psycopg hands it over through Django (text, or already decoded)."""
+    return json.loads(value) if isinstance(value, str | bytes) else value

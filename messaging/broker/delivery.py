@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 
 from messaging import clock, conf, events, metrics
+from messaging.broker import bulk
 from messaging.broker.common import (
     DURABLE,
     MAX_DELAY_SECONDS,
@@ -62,10 +63,31 @@ def receive(
             return []
         for store in STORES:
             _expire_leases(store, queue, now)
-            _expire_messages(store, queue, now)
+        if _ttl_sweep_due(queue, now):
+            for store in STORES:
+                _expire_messages(store, queue, now)
         chosen = _choose(queue, max_messages, now)
         metrics.count_queues_on_commit(metrics.DELIVERED, {queue.pk: len(chosen)})
         return _lease(queue, chosen, now + timedelta(seconds=vt))
+
+
+# Finding messages past their TTL scans every ready row of the queue (no index leads with
+# expires_at), which a deep backlog turns into the cost of every receive. Expired messages are
+# never delivered either way (the claim skips them); dropping or dead-lettering them runs at most
+# once per TTL_SWEEP_SECONDS per queue and process. Keyed by created_at too: SQLite reuses pks.
+TTL_SWEEP_SECONDS = 1.0
+_last_ttl_sweep: dict[tuple[int, datetime], datetime] = {}
+
+
+def _ttl_sweep_due(queue: Queue, now: datetime) -> bool:
+    key = (queue.pk, queue.created_at)
+    last = _last_ttl_sweep.get(key)
+    if last is not None and timedelta(0) <= now - last < timedelta(seconds=TTL_SWEEP_SECONDS):
+        return False
+    if len(_last_ttl_sweep) > 10_000:  # queues come and go: forget them all now and then
+        _last_ttl_sweep.clear()
+    _last_ttl_sweep[key] = now
+    return True
 
 
 def _ready_now(store: Store, queue: Queue, now: datetime) -> QuerySet[Any]:
@@ -76,7 +98,10 @@ def _choose(queue: Queue, limit: int, now: datetime) -> list[tuple[Store, int]]:
     """Lock up to `limit` deliverable rows per store (skipping rows other consumers hold), then
     keep the best `limit` across both stores."""
     candidates: list[tuple[int, datetime, int, Store, int]] = []
-    for order, store in enumerate(STORES):
+    if connection.vendor == "postgresql":  # both stores in one round trip (broker/bulk.py)
+        locked = bulk.choose(stores=STORES, queue_id=queue.pk, limit=limit, now=now)
+        candidates = [(-priority, visible_at, order, STORES[order], pk) for order, pk, priority, visible_at in locked]
+    for order, store in enumerate(STORES if connection.vendor != "postgresql" else ()):
         rows = (
             _ready_now(store, queue, now)
             .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
@@ -95,6 +120,12 @@ def _lease(queue: Queue, chosen: list[tuple[Store, int]], deadline: datetime) ->
     for store in STORES:
         ids = [pk for s, pk in chosen if s is store]
         if not ids:
+            continue
+        if connection.vendor == "postgresql":  # lease and read in one round trip (broker/bulk.py)
+            received += [
+                _render_leased(store, queue, row)
+                for row in bulk.lease(store=store, ids=ids, deadline=deadline, token=token)
+            ]
             continue
         store.deliveries().filter(pk__in=ids).update(
             state=State.LEASED, visible_at=deadline, lease_token=token, delivery_count=F("delivery_count") + 1
@@ -127,6 +158,23 @@ def _render(store: Store, queue: Queue, row: Any) -> ReceivedMessage:
         delivery_count=row.delivery_count,
         redelivered=row.delivery_count > 1,
     )
+
+
+def _render_leased(store: Store, queue: Queue, row: bulk.LeasedRow) -> ReceivedMessage:
+    """_render for a row of bulk.lease: (delivery pk, delivery_count, lease_token, dead_letter_reason,
+    origin_queue_id, message pk, body, content_type, headers, priority, published_at, expires_at)."""
+    pk, count, token, reason, origin_id, msg_pk, body, content_type, headers, priority, published, expires = row
+    headers = dict(bulk.json_value(headers))
+    if reason:
+        headers["x-dead-letter-reason"] = reason
+        origin = Queue.objects.select_related("topic").filter(pk=origin_id).first() if origin_id else None
+        if origin is not None:
+            headers["x-dead-letter-origin"] = origin.label
+    return ReceivedMessage(
+        id=store.public_id(msg_pk), body=body, content_type=content_type, headers=headers, priority=priority,
+        durable=store is DURABLE, published_at=published, expires_at=expires, destination=queue.label,
+        receipt=f"{store.code}{pk}.{token}", delivery_count=count, redelivered=count > 1,
+    )  # fmt: skip
 
 
 def _expire_leases(store: Store, queue: Queue, now: datetime) -> None:
