@@ -347,3 +347,14 @@ def test_transactions__staff_see_and_finish_only_their_own(client, django_user_m
     client.post(url("console_transaction", mine.id, "rollback"))
     assert broker.get_transaction(transaction_id=mine.id).state == "rolled_back"
     assert broker.get_transaction(transaction_id=hers.id).state == "prepared"
+
+
+def test_subscription__browse_and_purge(console):
+    topic, _ = broker.create_topic(name="events")
+    sub, _ = broker.create_subscription(topic=topic, name="audit")
+    broker.publish(topic=topic, messages=[broker.OutgoingMessage(body="evt-1"), broker.OutgoingMessage(body="evt-2")])
+    html = console.get(url("console_destination", sub.pk)).content.decode()
+    assert "Subscription events/audit" in html and "evt-1" in html and "evt-2" in html
+    console.post(url("console_purge", sub.pk))
+    assert queries.browse(sub) == []
+    assert AuditEntry.objects.get().target == "events/audit"
