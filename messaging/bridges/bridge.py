@@ -114,11 +114,15 @@ class Forwarder:
         if not batch:
             self._heartbeat()
             return False
-        receipts = [m.receipt for m in batch]
-        BridgeState.objects.filter(pk=self.bridge_id).update(pending_receipts=receipts, heartbeat_at=clock.now())
-        published = self._publish_until_confirmed(bridge, receipts, link.payload(bridge, batch))
-        if published is not None:
-            self._confirmed(receipts, published)
+        held = [m.receipt for m in batch]
+        BridgeState.objects.filter(pk=self.bridge_id).update(pending_receipts=held, heartbeat_at=clock.now())
+        # Usually one request; a batch of big messages goes out as several, in order.
+        for chunk in link.chunks(batch, max_bytes=self.settings.max_request_bytes):
+            published = self._publish_until_confirmed(bridge, held, link.payload(bridge, chunk))
+            if published is None:
+                return True
+            done, held = held[: len(chunk)], held[len(chunk) :]
+            self._confirmed(done, published, pending=held)
         return True
 
     def wait_for_messages(self, timeout: float | None = None) -> None:
@@ -132,11 +136,10 @@ class Forwarder:
         wait = self.settings.idle_poll_seconds if timeout is None else timeout
         self._loop.run_until_complete(doorbell.wait([queue_id], wait))
 
-    def _publish_until_confirmed(
-        self, bridge: Bridge, receipts: list[str], body: dict[str, Any]
-    ) -> link.Published | None:
-        """Retry the same batch until the target confirms it. None if our lease on it was lost
-        meanwhile (it is then leased again, first in line, by the next step)."""
+    def _publish_until_confirmed(self, bridge: Bridge, held: list[str], body: dict[str, Any]) -> link.Published | None:
+        """Retry the same request until the target confirms it, keeping the lease on every
+        message `held` (this request's and the rest of the batch). None if that lease was lost
+        meanwhile: the messages are then leased again, first in line, by the next step."""
         while True:
             try:
                 return self._attempt(bridge, body)
@@ -144,7 +147,7 @@ class Forwarder:
                 self._failed(str(exc))
             self.sleep(self._backoff())
             bridge = self._bridge()  # a fixed token or URL applies from the next attempt
-            if not self._still_leased(receipts):
+            if not self._still_leased(held):
                 return None
 
     def _attempt(self, bridge: Bridge, body: dict[str, Any]) -> link.Published:
@@ -160,7 +163,7 @@ class Forwarder:
         broker.nack(receipts=[r for r, s in zip(receipts, statuses, strict=True) if s == broker.ACK_OK])
         return False
 
-    def _confirmed(self, receipts: list[str], published: link.Published) -> None:
+    def _confirmed(self, receipts: list[str], published: link.Published, *, pending: list[str]) -> None:
         """Ack locally and count it, in one transaction, so the counters match the acks."""
         with transaction.atomic():
             statuses = broker.ack(receipts=receipts)
@@ -171,7 +174,7 @@ class Forwarder:
                 duplicate_count=F("duplicate_count") + published.duplicates,
                 last_success_at=clock.now(),
                 heartbeat_at=clock.now(),
-                pending_receipts=[],
+                pending_receipts=pending,
             )
         if self.failures:
             log.info("bridge %s: connected again after %d failed attempts", self.bridge_id, self.failures)

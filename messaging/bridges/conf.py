@@ -23,6 +23,7 @@ class BridgeSettings:
     backoff_base_seconds: float
     backoff_max_seconds: float
     lease_seconds: int  # the lease on a batch; extended while retrying it
+    max_request_bytes: int  # a batch bigger than this goes out as several requests
     scan_seconds: float  # how often a process looks for bridges to run
     idle_poll_seconds: float  # longest wait for new messages without a doorbell ring
 
@@ -36,6 +37,8 @@ def get() -> BridgeSettings:
         backoff_base_seconds=float(raw.get("BACKOFF_BASE_SECONDS", 0.2)),
         backoff_max_seconds=float(raw.get("BACKOFF_MAX_SECONDS", 30)),
         lease_seconds=int(raw.get("LEASE_SECONDS", 60)),
+        # Half the default request limit of a Pegasus server (PEGASUS_MAX_REQUEST_BYTES, 16 MiB).
+        max_request_bytes=int(raw.get("MAX_REQUEST_BYTES", 8 * 1024 * 1024)),
         scan_seconds=float(raw.get("SCAN_SECONDS", 5)),
         idle_poll_seconds=float(raw.get("IDLE_POLL_SECONDS", 1)),
     )

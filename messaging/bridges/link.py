@@ -8,6 +8,7 @@ duplicate detection makes harmless.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +48,22 @@ def dedup_id(bridge: Bridge, msg: broker.ReceivedMessage) -> str:
 
 def payload(bridge: Bridge, batch: list[broker.ReceivedMessage], *, now: datetime | None = None) -> dict[str, Any]:
     return {"messages": [_outgoing(bridge, msg, now or clock.now()) for msg in batch]}
+
+
+def chunks(batch: list[broker.ReceivedMessage], *, max_bytes: int) -> list[list[broker.ReceivedMessage]]:
+    """Split a batch, in order, into runs whose JSON stays under `max_bytes` (below the target's
+    request size limit); a message bigger than that on its own goes alone."""
+    runs: list[list[broker.ReceivedMessage]] = [[]]
+    size = 0
+    for msg in batch:
+        # An upper bound: the body and headers as JSON, plus room for the other fields.
+        cost = len(json.dumps([msg.body, msg.headers]).encode()) + 512
+        if runs[-1] and size + cost > max_bytes:
+            runs.append([])
+            size = 0
+        runs[-1].append(msg)
+        size += cost
+    return runs
 
 
 def _outgoing(bridge: Bridge, msg: broker.ReceivedMessage, now: datetime) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from messaging import broker, clock, queries
-from messaging.bridges import link
+from messaging.bridges import conf, link
 from messaging.bridges.bridge import Stopped
 from messaging.bridges.models import Bridge, BridgeState, LinkStatus
 from messaging.models import Delivery, State
@@ -237,3 +237,22 @@ def test_backoff__is_capped_and_jittered(bridge_factory, forwarder_for):
     assert fwd._backoff() == 4  # the cap (conftest)
     fwd.rng = lambda: 0.0
     assert fwd._backoff() == 2
+
+
+def test_step__a_batch_too_big_for_one_request_goes_out_in_order_in_several(
+    bridge_factory, forwarder_for, target, publish, queue_factory, settings
+):
+    settings.PEGASUS_BRIDGES = {**settings.PEGASUS_BRIDGES, "MAX_REQUEST_BYTES": 3000}
+    queue = queue_factory()
+    bodies = [f"{i}" * 900 for i in range(5)]
+    publish(queue, *bodies)
+    bridge = bridge_factory(queue, batch_size=10)
+    target.faults = [None, 503]  # the second request fails once, after the first was acked
+    fwd = forwarder_for(bridge)
+    fwd.settings = conf.get()
+    assert fwd.step()
+    assert [len(json.loads(r.content)["messages"]) for r in target.requests] == [2, 2, 2, 1]
+    assert target.bodies == bodies
+    state = _state(bridge)
+    assert (state.forwarded_count, state.retry_count, state.pending_receipts) == (5, 1, [])
+    assert queries.queue_stats(queue)["in_flight"] == 0
