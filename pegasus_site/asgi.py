@@ -20,12 +20,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from console import rates as console_rates  # noqa: E402
 from messaging import listener, maintenance, routing  # noqa: E402
 from messaging.bridges import runner as bridge_runner  # noqa: E402
-from pegasus_site.bodylimit import BodyLimit  # noqa: E402
+from pegasus_site.bodylimit import BodyLimit, guard_daphne  # noqa: E402
 
 maintenance.start_in_background()
 bridge_runner.start_in_background()  # forwards bridges (docs/bridges.md); PEGASUS_BRIDGES_RUNNER=off opts out
 console_rates.start_in_background()  # flushes publish/deliver/ack counters for the console
 listener.ensure_started()  # cross-process wake-ups (PostgreSQL only)
+guard_daphne()  # 413 for oversized request bodies while they arrive, not after
 
 application = ProtocolTypeRouter(
     {

@@ -1,9 +1,16 @@
-"""Refuse a request body over PEGASUS MAX_REQUEST_BYTES with 413 before the application reads it.
+"""Refuse a request body over PEGASUS MAX_REQUEST_BYTES with 413 before it is read whole.
 
-ASGI middleware, in front of Django (pegasus_site/asgi.py). A declared Content-Length over the
-limit is answered at once, without reading the body; a body without one (chunked) is read only
-up to the limit. Django's own DATA_UPLOAD_MAX_MEMORY_SIZE check (mapped to 413 in
-pegasus_site/api.py) covers the test client and WSGI.
+Two layers, both installed by pegasus_site/asgi.py:
+
+- `guard_daphne()`: daphne (Twisted) reads a whole request body, spooling it to a temporary
+  file, before it calls the application at all. The guard answers 413 and closes the connection
+  as soon as the headers declare a Content-Length over the limit, or as soon as the received
+  chunks pass it, so an oversized upload is never stored.
+- `BodyLimit`: ASGI middleware in front of Django, for any other ASGI server: a declared length
+  over the limit is refused without reading; a body without one is read only up to the limit.
+
+Django's own DATA_UPLOAD_MAX_MEMORY_SIZE check (mapped to 413 in pegasus_site/api.py) covers
+the test client and WSGI.
 """
 
 from __future__ import annotations
@@ -78,9 +85,65 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _refuse(send: Send, limit: int) -> None:
+def _error_body(limit: int) -> bytes:
     error = {"code": "request_too_large", "message": f"The request body is larger than {limit} bytes."}
-    payload = json.dumps({"error": error}).encode()
+    return json.dumps({"error": error}).encode()
+
+
+async def _refuse(send: Send, limit: int) -> None:
+    payload = _error_body(limit)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": [*headers, (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": payload})
+
+
+# --------------------------------------------------------------------------- daphne
+
+
+def guard_daphne() -> None:
+    """Teach daphne's request class to refuse oversized bodies while they arrive (idempotent)."""
+    try:
+        from daphne.http_protocol import WebRequest
+    except ImportError:  # not served by daphne
+        return
+    if getattr(WebRequest, "_pegasus_body_limit", False):
+        return
+    got_length, handle_chunk, request_received = (
+        WebRequest.gotLength, WebRequest.handleContentChunk, WebRequest.requestReceived,
+    )  # fmt: skip
+
+    def gotLength(self: Any, length: int | None) -> None:  # Twisted names these
+        self._pegasus_received = 0
+        self._pegasus_refused = False
+        if length is not None and length > conf.get().max_request_bytes:
+            _refuse_on_transport(self)
+        got_length(self, 0 if self._pegasus_refused else length)
+
+    def handleContentChunk(self: Any, data: bytes) -> None:
+        if self._pegasus_refused:
+            return  # the connection is closing; drop what is still in flight
+        self._pegasus_received += len(data)
+        if self._pegasus_received > conf.get().max_request_bytes:
+            _refuse_on_transport(self)
+            return
+        handle_chunk(self, data)
+
+    def requestReceived(self: Any, command: bytes, path: bytes, version: bytes) -> None:
+        if not getattr(self, "_pegasus_refused", False):
+            request_received(self, command, path, version)
+
+    WebRequest.gotLength = gotLength
+    WebRequest.handleContentChunk = handleContentChunk
+    WebRequest.requestReceived = requestReceived
+    WebRequest._pegasus_body_limit = True
+
+
+def _refuse_on_transport(request: Any) -> None:
+    request._pegasus_refused = True
+    payload = _error_body(conf.get().max_request_bytes)
+    head = (
+        b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(payload)).encode() + b"\r\nConnection: close\r\n\r\n"
+    )
+    request.channel.transport.write(head + payload)
+    request.channel.transport.loseConnection()
