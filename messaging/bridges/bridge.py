@@ -141,11 +141,17 @@ class Forwarder:
         message `held` (this request's and the rest of the batch). None if that lease was lost
         meanwhile: the messages are then leased again, first in line, by the next step."""
         while True:
+            retry_after = 0.0
             try:
                 return self._attempt(bridge, body)
-            except (link.LinkError, TargetNotAllowed) as exc:
+            except link.LinkError as exc:
                 self._failed(str(exc))
-            self.sleep(self._backoff())
+                # A target that says when to come back (overloaded, rate limit) is listened to,
+                # up to the longest backoff.
+                retry_after = min(exc.retry_after or 0.0, self.settings.backoff_max_seconds)
+            except TargetNotAllowed as exc:
+                self._failed(str(exc))
+            self.sleep(max(self._backoff(), retry_after))
             bridge = self._bridge()  # a fixed token or URL applies from the next attempt
             if not self._still_leased(held):
                 return None

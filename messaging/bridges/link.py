@@ -24,6 +24,10 @@ from messaging.bridges.models import Bridge
 class LinkError(Exception):
     """A failed attempt. The message names the failure, never the token or the body."""
 
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # the target's Retry-After (429, 503), in seconds
+
 
 @dataclass(frozen=True)
 class Published:
@@ -94,7 +98,9 @@ def publish(client: httpx.Client, bridge: Bridge, body: dict[str, Any]) -> Publi
     except httpx.HTTPError as exc:
         raise LinkError(f"connection failed ({type(exc).__name__})") from None
     if response.status_code != 201:
-        raise LinkError(f"target answered {response.status_code}{_error_code(response)}")
+        raise LinkError(
+            f"target answered {response.status_code}{_error_code(response)}", retry_after=_retry_after(response)
+        )
     return _confirmed(content, expected=len(body["messages"]))
 
 
@@ -107,6 +113,11 @@ def _confirmed(content: bytes, *, expected: int) -> Published:
     if len(results) != expected:
         raise LinkError(f"target confirmed {len(results)} of {expected} messages")
     return Published(count=expected, duplicates=duplicates)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None
 
 
 def _error_code(response: httpx.Response) -> str:

@@ -30,6 +30,7 @@ class FakeTarget:
     seen: dict[str, int] = field(default_factory=dict)
     requests: list[httpx.Request] = field(default_factory=list)
     faults: list[Any] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)  # on error answers
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -39,7 +40,7 @@ class FakeTarget:
         if fault == "timeout":
             raise httpx.ReadTimeout("timed out", request=request)
         if isinstance(fault, int):
-            return httpx.Response(fault, json={"error": {"code": "oops", "message": "no"}})
+            return httpx.Response(fault, json={"error": {"code": "oops", "message": "no"}}, headers=self.headers)
         results = self._store(request)
         if fault == "cut":
             raise httpx.RemoteProtocolError("peer closed connection mid-body", request=request)

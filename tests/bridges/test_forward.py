@@ -256,3 +256,20 @@ def test_step__a_batch_too_big_for_one_request_goes_out_in_order_in_several(
     state = _state(bridge)
     assert (state.forwarded_count, state.retry_count, state.pending_receipts) == (5, 1, [])
     assert queries.queue_stats(queue)["in_flight"] == 0
+
+
+def test_retrying__honours_the_targets_retry_after_up_to_the_longest_backoff(
+    bridge_factory, forwarder_for, target, publish, sleeps
+):
+    bridge = bridge_factory()
+    queue = broker.get_queue(name=bridge.source_name)
+    fwd = forwarder_for(bridge)
+    publish(queue, "a")
+    target.faults, target.headers = [429, 503], {"Retry-After": "3"}
+    fwd.step()
+    assert sleeps == [3, 3]
+    publish(queue, "b")
+    target.faults, target.headers = [429], {"Retry-After": "3600"}
+    fwd.step()
+    assert sleeps[-1] == 4  # BACKOFF_MAX_SECONDS (conftest)
+    assert target.bodies == ["a", "b"]
