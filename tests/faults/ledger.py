@@ -111,6 +111,10 @@ class Ledger:
         with self._lock:
             return {d.key for d in self._deliveries}
 
+    def acked_keys(self) -> set[str]:
+        with self._lock:
+            return {d.key for d in self._deliveries if d.message_id in self._acked}
+
     def check(self) -> Figures:
         with self._lock:
             return self._figures()
