@@ -88,16 +88,20 @@ class Series:
     published: list[int]
     delivered: list[int]
     acked: list[int]
+    elapsed: float = BUCKET_SECONDS  # seconds into the last (current) bucket
 
     def per_second(self, kind: str) -> float:
-        """The average rate over the last RATE_BUCKETS complete buckets."""
-        values: list[int] = getattr(self, kind)[-RATE_BUCKETS - 1 : -1]
-        return sum(values) / (len(values) * BUCKET_SECONDS) if values else 0.0
+        """The average rate over the last RATE_BUCKETS complete buckets and the current one so
+        far (about the last minute; counts reach the table up to FLUSH_SECONDS late)."""
+        values: list[int] = getattr(self, kind)[-RATE_BUCKETS - 1 :]
+        seconds = (len(values) - 1) * BUCKET_SECONDS + max(self.elapsed, 1.0)
+        return sum(values) / seconds
 
 
 def series(scopes: list[str] | None = None) -> dict[str, Series]:
     """Series for `scopes` (all with data when None) over the last WINDOW_BUCKETS buckets."""
-    last = bucket_start(clock.now())
+    now = clock.now()
+    last = bucket_start(now)
     first = last - timedelta(seconds=BUCKET_SECONDS * (WINDOW_BUCKETS - 1))
     qs = RateSample.objects.filter(bucket__gte=first)
     if scopes is not None:
@@ -106,7 +110,7 @@ def series(scopes: list[str] | None = None) -> dict[str, Series]:
     for scope, bucket, published, delivered, acked in qs.values_list(
         "scope", "bucket", "published", "delivered", "acked"
     ):
-        s = out.setdefault(scope, _empty())
+        s = out.setdefault(scope, _empty((now - last).total_seconds()))
         i = int((bucket - first).total_seconds()) // BUCKET_SECONDS
         if 0 <= i < WINDOW_BUCKETS:
             s.published[i] += published
@@ -115,8 +119,8 @@ def series(scopes: list[str] | None = None) -> dict[str, Series]:
     return out
 
 
-def _empty() -> Series:
-    return Series([0] * WINDOW_BUCKETS, [0] * WINDOW_BUCKETS, [0] * WINDOW_BUCKETS)
+def _empty(elapsed: float = BUCKET_SECONDS) -> Series:
+    return Series([0] * WINDOW_BUCKETS, [0] * WINDOW_BUCKETS, [0] * WINDOW_BUCKETS, elapsed)
 
 
 def empty_series() -> Series:

@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from channels.db import database_sync_to_async as sync_to_async  # closes its connection after each call
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from console import rates
-from messaging import broker, metrics
+from messaging import broker, metrics, tokens
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -185,3 +186,22 @@ async def test_console__bodies_and_headers_never_run(page: Page) -> None:
     await page.locator("#messages tbody tr").first.locator("td a").click()
     await expect(page.locator("#message-headers")).to_contain_text(XSS_HEADER)
     await shot(page, "07-escaped-message")
+
+
+async def test_console__rates_of_server_traffic(page: Page, console_server: Any, alice: Any) -> None:
+    """Publishes and receives through the server's REST API show up as rates: the server process
+    counts them in memory and its background thread flushes them (console/rates.py)."""
+    token = await db(tokens.create_token, user=alice)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=f"{console_server.url}/api/v1", headers=headers) as api:
+        assert (await api.post("/queues", json={"name": "rated"})).status_code == 201
+        await expect(cell(page, "rated", "depth")).to_have_text("0")
+        published = await api.post("/queues/rated/messages", json={"messages": [{"body": str(i)} for i in range(5)]})
+        assert published.status_code == 201
+        received = await api.post("/queues/rated/receive", json={"max_messages": 5})
+        assert len(received.json()["messages"]) == 5
+    # 5 messages in one 10-second bucket: a peak of 0.5/s, once the server has flushed (every 5 s).
+    await expect(page.locator('tr[data-destination="rated"] td.chart svg title')).to_contain_text("peak 0.5/s")
+    await expect(cell(page, "rated", "in-flight")).to_have_text("5")
+    await expect(page.locator('tr[data-destination="rated"] span.rate-published')).not_to_have_text("0.0")
+    await shot(page, "08-rates")
