@@ -104,3 +104,16 @@ async def test_long_poll__waiters_hold_no_database_connection(consumer: Consumer
     responses = await asyncio.gather(*polls)
     bodies = sorted(m["body"] for r in responses for m in r.json()["messages"])
     assert bodies == sorted(str(i) for i in range(20))
+
+
+async def test_publish__201_means_committed(consumer: Consumer, queue: Any):
+    from messaging.models import Delivery
+
+    response = await consumer.post("/queues/lp/messages", {"messages": [{"body": "a"}, {"body": "b"}]})
+    assert response.status_code == 201
+    ids = [int(m["id"]) for m in response.json()["messages"]]
+
+    def committed() -> int:  # another thread, so another database connection: sees only commits
+        return Delivery.objects.filter(message_id__in=ids).count()
+
+    assert await hop(committed)() == 2
