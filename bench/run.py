@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated substrings: run only matching stages")
     parser.add_argument("--seconds", type=float, help="override the duration of each throughput stage")
     parser.add_argument("--backlog", type=int, help="override the backlog size")
+    parser.add_argument("--drain", type=int, help="override the messages filled before a consume stage")
     parser.add_argument(
         "--profile", action="store_true", help="run the server under py-spy (bench/results/profile.txt.tmp)"
     )
@@ -51,6 +52,8 @@ async def main() -> int:
         scale.seconds = args.seconds
     if args.backlog:
         scale.backlog = args.backlog
+    if args.drain:
+        scale.drain_messages = args.drain
     RESULTS.mkdir(exist_ok=True)
     started = time.perf_counter()
     server.recreate_database()

@@ -166,12 +166,14 @@ def _browse(queue: Queue, *, state: str | None, after: str | None, limit: int) -
 @router.post("/queues/{name}/messages", response={201: PublishOut, **ERRORS}, tags=["messages"])
 async def publish_to_queue(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
     """Publish one message or a batch, all or nothing; 201 once durable messages are committed."""
-    user = _user(request)
-    queue = await longpoll.hop(access.access_queue)(user=user, name=name, action=Action.SEND)
-    # Async, so that concurrent publishes share one commit (messaging/group_commit.py).
-    results = await group_commit.publish(
-        queue=queue, messages=payload.outgoing_messages(), transaction_id=payload.transaction, user=user
-    )
+    user, messages = _user(request), payload.outgoing_messages()
+
+    def resolve() -> broker.PublishRequest:
+        queue = access.access_queue(user=user, name=name, action=Action.SEND)
+        return broker.PublishRequest(queue=queue, messages=messages, transaction_id=payload.transaction, user=user)
+
+    # Async, so that concurrent publishes share one hop and one commit (messaging/group_commit.py).
+    results = await group_commit.publish(resolve, size=len(messages))
     return Status(201, {"messages": results})
 
 
@@ -225,11 +227,13 @@ def delete_topic(request: HttpRequest, name: Name) -> Status[None]:
 @router.post("/topics/{name}/messages", response={201: PublishOut, **ERRORS}, tags=["messages"])
 async def publish_to_topic(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
     """Publish to every subscription (whose filter matches) that exists now; 201 once committed."""
-    user = _user(request)
-    topic = await longpoll.hop(access.access_topic)(user=user, name=name, action=Action.SEND)
-    results = await group_commit.publish(
-        topic=topic, messages=payload.outgoing_messages(), transaction_id=payload.transaction, user=user
-    )
+    user, messages = _user(request), payload.outgoing_messages()
+
+    def resolve() -> broker.PublishRequest:
+        topic = access.access_topic(user=user, name=name, action=Action.SEND)
+        return broker.PublishRequest(topic=topic, messages=messages, transaction_id=payload.transaction, user=user)
+
+    results = await group_commit.publish(resolve, size=len(messages))
     return Status(201, {"messages": results})
 
 

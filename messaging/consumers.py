@@ -7,6 +7,7 @@ queue, stale receipt, ...) gets an `error` frame with its `corr`, and the connec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,7 @@ class JsonConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.settings = live_settings()
         self.session: Session | None = None
         self.closing = False
+        self._in_flight: set[asyncio.Future[None]] = set()  # pipelined publishes awaiting their commit
 
     async def connect(self) -> None:
         token = credentials(self.scope)
@@ -110,14 +112,39 @@ class JsonConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         await self._session.unsubscribe(key)
         return {"id": key}
 
-    async def op_publish(self, frame: dict[str, Any]) -> dict[str, Any]:
+    async def op_publish(self, frame: dict[str, Any]) -> dict[str, Any] | None:
         destination, _ = _target(frame)
         raw = frame.get("messages")
         if not isinstance(raw, list):
             raise Malformed("messages is a list of message objects.")
         messages = [_message(m) for m in raw]
-        results = await self._session.publish(destination, messages, _field(frame, "transaction", str, None))
+        transaction_id = _field(frame, "transaction", str, None)
+        if transaction_id is None:
+            # Pipelined: the confirm goes out once the group commit carrying this publish is
+            # durable, and the next frames are read meanwhile, so a publisher with many
+            # unconfirmed publishes gets them committed together (messaging/group_commit.py).
+            self._pipelined(frame.get("corr"), self._session.publish_grouped(destination, messages))
+            return None
+        results = await self._session.publish(destination, messages, transaction_id)
         return {"op": "published", "messages": [{"id": r.id, "duplicate": r.duplicate} for r in results]}
+
+    def _pipelined(self, corr: Any, publish: Awaitable[list[broker.PublishResult]]) -> None:
+        task = asyncio.ensure_future(self._confirm(corr, publish))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _confirm(self, corr: Any, publish: Awaitable[list[broker.PublishResult]]) -> None:
+        try:
+            results = await publish
+        except BrokerError as exc:
+            await self._send({"op": "error", "corr": corr, "code": exc.code, "message": exc.message})
+            return
+        except Exception:  # unexpected: logged, answered, and the connection stays open
+            log.exception("publish failed")
+            await self._send({"op": "error", "corr": corr, "code": "internal_error", "message": "Publish failed."})
+            return
+        messages = [{"id": r.id, "duplicate": r.duplicate} for r in results]
+        await self._send({"op": "published", "corr": corr, "messages": messages})
 
     async def op_ack(self, frame: dict[str, Any]) -> dict[str, Any]:
         receipts = _receipts(frame)

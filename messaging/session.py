@@ -18,7 +18,7 @@ from typing import Any
 
 from django.http import QueryDict
 
-from messaging import access, broker, listener, tokens
+from messaging import access, broker, group_commit, listener, tokens
 from messaging.exceptions import BrokerError, InvalidRequest, SubscriptionNotFound
 from messaging.models import Queue
 from messaging.push import Deliver, LiveSettings, Pusher, hop, live_settings
@@ -150,6 +150,19 @@ class Session:
             user=self.user, destination=destination, messages=messages, transaction_id=transaction_id
         )
 
+    async def publish_grouped(
+        self, destination: Destination, messages: Sequence[broker.OutgoingMessage]
+    ) -> list[broker.PublishResult]:
+        """publish (no transaction) committed together with concurrent publishes: the access
+        check and the publish run in the next group commit round (messaging/group_commit.py)."""
+        user = self.user
+
+        def resolve() -> broker.PublishRequest:
+            queue, topic = _access_send(user=user, destination=destination)
+            return broker.PublishRequest(queue=queue, topic=topic, messages=messages, user=user)
+
+        return await group_commit.publish(resolve, size=len(messages))
+
     async def begin(self) -> str:
         txn = await hop(broker.begin)(user=self.user)
         self.transactions.add(txn.pk)
@@ -247,6 +260,12 @@ def _publish(
         return broker.publish(queue=queue, messages=messages, transaction_id=transaction_id, user=user)
     topic = access.access_topic(user=user, name=destination.name, action=access.Action.SEND)
     return broker.publish(topic=topic, messages=messages, transaction_id=transaction_id, user=user)
+
+
+def _access_send(*, user: Any, destination: Destination) -> tuple[Queue | None, Any]:
+    if destination.kind is access.Kind.QUEUE:
+        return access.access_queue(user=user, name=destination.name, action=access.Action.SEND), None
+    return None, access.access_topic(user=user, name=destination.name, action=access.Action.SEND)
 
 
 def _nack_all(receipts: list[str]) -> None:
