@@ -9,6 +9,7 @@ as an error = 0; any other error = 0; lost = 0; duplicated = 0.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -55,7 +56,7 @@ def _in_thread(target: Callable[[], None], errors: Errors) -> threading.Thread:
 def _run(ledger: Ledger, produce: Callable[[int], None], consume: Callable[[threading.Event], None], errors: Errors):
     done = threading.Event()
     consumers = [_in_thread(lambda: consume(done), errors) for _ in range(CONSUMERS)]
-    producers = [_in_thread(lambda n=n: produce(n), errors) for n in range(PRODUCERS)]
+    producers = [_in_thread(functools.partial(produce, n), errors) for n in range(PRODUCERS)]
     for t in producers:
         t.join()
     done.set()
