@@ -71,6 +71,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "pegasus_site.middleware.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "pegasus_site.urls"
