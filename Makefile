@@ -46,3 +46,9 @@ bench: $(STAMP) ## the full benchmark (~15 min): PostgreSQL, RabbitMQ and Pegasu
 
 bench-smoke: $(STAMP) ## a seconds-long run of the benchmark (CI)
 	$(PY) -m bench.run --smoke
+
+FAULTS_RUN = PEGASUS_FAULTS=full PEGASUS_TEST_DB_NAME=test_faults_full $(PY) -m pytest tests/faults -q -rs -o timeout=3600
+
+faults: $(STAMP) ## the full-length fault-injection suite (docs/reliability.md), on SQLite then PostgreSQL
+	$(FAULTS_RUN) $(PYTEST_ARGS)
+	DATABASE_URL=$(PG_URL) $(FAULTS_RUN) $(PYTEST_ARGS)
