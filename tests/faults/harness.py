@@ -30,6 +30,8 @@ from tests.faults.ledger import FAILED, OK, UNKNOWN, Ledger
 ROOT = Path(__file__).resolve().parents[2]
 DAPHNE = str(Path(sys.executable).with_name("daphne"))
 FULL = os.environ.get("PEGASUS_FAULTS") == "full"
+# Settings tests/conftest.py makes for the test process itself: the servers run as in production.
+TEST_PROCESS_ONLY = {"PEGASUS_GROUP_COMMIT_THREAD"}
 
 
 def scale(quick: int, full: int) -> int:
@@ -52,7 +54,8 @@ class Daphne:
 
     def __init__(self, log: Path, database_url: str, **settings: str) -> None:
         self.log = log
-        self.env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT), **settings}
+        env = {k: v for k, v in os.environ.items() if k not in TEST_PROCESS_ONLY}
+        self.env = {**env, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT), **settings}
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(512)

@@ -123,15 +123,23 @@ def test_postgres_crash_restarts_and_killed_backends__nothing_lost_no_500(cluste
         assert created is not None and created.status_code in (200, 201), created
         deadline = time.monotonic() + scale(120, 900)
         ws = WsConsumer(server.ws, token, {"queue": "s4"}, ledger, stop)
-        threads = _traffic(rests, ledger, stop, deadline)
+        producing, consuming = threading.Event(), threading.Event()
+        threads = _traffic(rests, ledger, producing, consuming, deadline)
         ws.start()
         restarts, terminated = _faults(cluster, seed=4)
+        # After the faults the WebSocket consumer alone must take what is published.
+        consuming.set()
+        threads[1].join(30)
         after_faults = ws.received
-        time.sleep(1)  # steady traffic after the last fault
+        time.sleep(1)
+        producing.set()
+        threads[0].join(30)
+        _wait_for_all(ledger, time.monotonic() + 30)
+        ws_after = ws.received - after_faults
+        before_drain = ledger.check().deliveries
+        _drain_all(rests[2], ledger, deadline)  # whatever the WebSocket consumer did not take
+        drained_over_rest = ledger.check().deliveries - before_drain
         stop.set()
-        for t in threads:
-            t.join(30)
-        _drain_all(rests[2], ledger, deadline)
         ws.join(15)
         ready = httpx.get(server.url + "/readyz", timeout=10).status_code
         statuses: dict[int, int] = {}
@@ -141,7 +149,8 @@ def test_postgres_crash_restarts_and_killed_backends__nothing_lost_no_500(cluste
         ledger.extra.update(
             pg_restarts=restarts, backends_terminated=terminated, statuses=statuses,
             missing_retry_after=sum(r.missing_retry_after for r in rests), server_starts=server.starts,
-            ws_connections=ws.connections, ws_received_after_faults=ws.received - after_faults, readyz=ready,
+            ws_connections=ws.connections, ws_received_after_faults=ws_after,
+            drained_over_rest=drained_over_rest, readyz=ready,
         )  # fmt: skip
         figures = ledger.report()
     finally:
@@ -153,23 +162,27 @@ def test_postgres_crash_restarts_and_killed_backends__nothing_lost_no_500(cluste
     assert figures.extra["missing_retry_after"] == 0
     assert ready == 200 and server.starts == 1, "the server serves again without its own restart"
     # The server keeps WebSocket connections open through database outages; if one drops, the
-    # consumer reconnects. Either way it must go on consuming after the faults.
+    # consumer reconnects. Either way it alone consumes everything published after the faults.
     assert figures.extra["ws_received_after_faults"] > 0, "the WebSocket consumer continued"
+    assert figures.extra["drained_over_rest"] == 0, "the WebSocket consumer took everything after the faults"
     assert figures.confirmed > 0
     assert_clean(figures)
 
 
-def _traffic(rests: list[Rest], ledger: Ledger, stop: threading.Event, deadline: float) -> list[threading.Thread]:
-    """One REST producer (retrying with the same dedup_id) and one REST consumer."""
+def _traffic(
+    rests: list[Rest], ledger: Ledger, producing: threading.Event, consuming: threading.Event, deadline: float
+) -> list[threading.Thread]:
+    """One REST producer (retrying with the same dedup_id) and one REST consumer, each running
+    until its event is set."""
 
     def produce() -> None:
         i = 0
-        while not stop.is_set():
+        while not producing.is_set():
             rests[0].publish_until_confirmed("/queues/s4/messages", f"k{i}", ledger, deadline=deadline)
             i += 1
 
     def consume() -> None:
-        while not stop.is_set():
+        while not consuming.is_set():
             got = rests[1].receive("/queues/s4/receive", ledger, max_messages=5, wait=0.5)
             rests[1].ack(got, ledger)
             if not got:
@@ -191,6 +204,11 @@ def _faults(cluster: Cluster, *, seed: int) -> tuple[int, int]:
         time.sleep(rng.uniform(0.5, 2.0))
         terminated += cluster.terminate_backends()
     return restarts, terminated
+
+
+def _wait_for_all(ledger: Ledger, deadline: float) -> None:
+    while time.monotonic() < deadline and not ledger.confirmed_keys() <= ledger.delivered_keys():
+        time.sleep(0.1)
 
 
 def _drain_all(rest: Rest, ledger: Ledger, deadline: float) -> None:
