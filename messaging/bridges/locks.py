@@ -4,7 +4,8 @@ PostgreSQL: a session-level advisory lock on the runner thread's own database co
 database drops it the moment that session ends, including when the process is killed with -9,
 so a restarted or surviving process takes over at once. Because the runner's broker calls go
 through the same session, a runner that lost its lock (its session died) cannot ack or extend
-anything either: it fails and stops.
+anything either: it fails and stops. A runner thread keeps its connection for its whole life
+and discards it at the end (discard_connection), so the session never goes back to the pool.
 
 SQLite: every process sharing the file runs on the same machine (SQLite requires that), so an
 exclusive `flock` on a file next to the database does the same job, and the kernel drops it
@@ -37,6 +38,19 @@ def for_bridge(bridge_id: int) -> RunnerLock:
     if name == ":memory:" or name.startswith("file:"):
         return ProcessLock(bridge_id)
     return FileLock(f"{name}.bridge-{bridge_id}.lock")
+
+
+def discard_connection() -> None:
+    """Close this thread's database connection for real. With the connection pool, a plain
+    close() hands the session back to the pool, and a session-level advisory lock with it: the
+    next borrower would hold our bridge without knowing. A closed connection the pool discards."""
+    raw = connection.connection
+    if raw is not None:
+        try:
+            raw.close()
+        except Exception:  # already broken: nothing left to close
+            pass
+    connection.close()
 
 
 class AdvisoryLock:

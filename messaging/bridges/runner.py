@@ -66,7 +66,7 @@ def run_bridge(bridge_id: int, stop: threading.Event) -> None:
     except Exception:  # a database outage or a bug: drop the lock; the next scan starts afresh
         log.warning("bridge %s: runner stopped", bridge_id, exc_info=True)
     finally:
-        connection.close()  # on PostgreSQL this also drops the advisory lock if release failed
+        locks.discard_connection()  # also drops the advisory lock if release failed
 
 
 def _forward(bridge_id: int, lock: locks.RunnerLock, stop: threading.Event) -> None:

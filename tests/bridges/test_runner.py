@@ -34,7 +34,7 @@ def _in_thread(fn: Any) -> Any:
         try:
             result.append(fn())
         finally:
-            connection.close()
+            locks.discard_connection()  # a pooled close() would keep the thread's locks alive
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -53,6 +53,13 @@ def test_advisory_lock__one_session_at_a_time_and_fenced():
     mine.release()
     assert not mine.held()
     assert _in_thread(lambda: locks.for_bridge(42).acquire()) is True
+    assert _bridge_locks_held() == []  # none left behind in a pooled connection
+
+
+def _bridge_locks_held() -> list[int]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s", [locks._PG_CLASS_ID])
+        return [row[0] for row in cursor.fetchall()]
 
 
 @pytest.mark.postgres
@@ -60,7 +67,7 @@ def test_advisory_lock__one_session_at_a_time_and_fenced():
 def test_advisory_lock__dies_with_its_session():
     mine = locks.for_bridge(7)
     assert mine.acquire()
-    connection.close()  # what kill -9 does to the session, as far as the database can tell
+    locks.discard_connection()  # what kill -9 does to the session, as far as the database can tell
     assert not mine.held()
     assert _in_thread(lambda: locks.for_bridge(7).acquire()) is True
 

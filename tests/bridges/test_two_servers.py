@@ -200,15 +200,14 @@ def test_bridge__10000_messages_through_a_faulty_link_and_a_kill_9(tmp_path, tar
         seconds = time.monotonic() - started
         _wait_until_source_is_drained(outbox, started)
         survivor = _runner_process(sources)
-    finally:
         for source in sources:
             source.stop()
-        if proxy is not None:
-            proxy.stop()
-    try:
         received = _receive_all(target, target_token)
     finally:
-        target.stop()
+        for server in [*sources, target]:
+            server.stop()
+        if proxy is not None:
+            proxy.stop()
     expected = [f"{i:06d}" for i in range(MESSAGES)]
     state = BridgeState.objects.get(bridge=Bridge.objects.get(name="to-target"))
     figures = {
