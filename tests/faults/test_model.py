@@ -440,7 +440,7 @@ def test_core_matches_the_model(monkeypatch):
     run_state_machine_as_test(
         BrokerMachine,
         settings=settings(
-            max_examples=300 if FULL else 30,
+            max_examples=200 if FULL else 30,
             stateful_step_count=50 if FULL else 25,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
