@@ -23,7 +23,8 @@ class FakeTarget:
 
     `faults` is consumed one per request: None answers normally, "connect"/"timeout" fail before
     the target sees anything, "cut" stores the batch and then loses the answer, an int answers
-    with that status and an error body.
+    with that status and an error body, "garbled"/"short" store the batch and answer 201 with an
+    unreadable or incomplete confirmation.
     """
 
     messages: list[dict[str, Any]] = field(default_factory=list)
@@ -42,6 +43,10 @@ class FakeTarget:
         if isinstance(fault, int):
             return httpx.Response(fault, json={"error": {"code": "oops", "message": "no"}}, headers=self.headers)
         results = self._store(request)
+        if fault == "garbled":
+            return httpx.Response(201, content=b'{"messages": [')
+        if fault == "short":
+            return httpx.Response(201, json={"messages": results[:-1]})
         if fault == "cut":
             raise httpx.RemoteProtocolError("peer closed connection mid-body", request=request)
         return httpx.Response(201, json={"messages": results})

@@ -102,6 +102,17 @@ def test_step__a_cut_answer_is_retried_and_answered_duplicate(bridge_factory, fo
     assert "RemoteProtocolError" in state.last_error
 
 
+def test_step__a_201_without_a_full_confirmation_is_a_failure_too(bridge_factory, forwarder_for, target, publish):
+    bridge = bridge_factory()
+    publish(broker.get_queue(name=bridge.source_name), "a", "b")
+    target.faults = ["garbled", "short"]
+    forwarder_for(bridge).step()
+    assert target.bodies == ["a", "b"] and len(target.requests) == 3
+    state = _state(bridge)
+    assert (state.retry_count, state.forwarded_count, state.duplicate_count) == (2, 2, 2)
+    assert state.last_error == "target confirmed 1 of 2 messages"
+
+
 def test_retrying__extends_the_lease_so_nothing_is_redelivered_or_dead_lettered(
     bridge_factory, forwarder_for, target, publish, queue_factory, settings
 ):
