@@ -64,7 +64,7 @@ class Overview:
 def overview() -> Overview:
     rates.flush()  # this process's latest counts; other processes flush on their own timer
     stats = _adaptive(("all",), queries.all_queue_stats)
-    series = rates.series()
+    series = _adaptive(("rates",), rates.series)  # 60 buckets per destination: cached when slow, too
     empty = rates.empty_series()
 
     def row(queue: Queue) -> Row:
