@@ -148,13 +148,10 @@ class Ledger:
         for message_id, ds in by_message.items():
             acked_at = self._acked.get(message_id)
             counts = [d.delivery_count for d in ds]
-            first = min(counts)
             f.leased_twice += len(counts) - len(set(counts))
             f.after_ack += sum(1 for d in ds if acked_at is not None and d.delivery_count > acked_at)
-            # A redelivery is any delivery after the message's first (delivery_count > 1).
-            f.unflagged += sum(
-                1 for d in ds if (d.delivery_count > 1 or d.delivery_count > first) and not d.redelivered
-            )
+            # A redelivery is any delivery after the message's first (delivery_count > 1), seen or not.
+            f.unflagged += sum(1 for d in ds if d.delivery_count > 1 and not d.redelivered)
         return f
 
     def report(self) -> Figures:

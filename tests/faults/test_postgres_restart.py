@@ -134,7 +134,7 @@ def test_postgres_crash_restarts_and_killed_backends__nothing_lost_no_500(cluste
         time.sleep(1)
         producing.set()
         threads[0].join(30)
-        _wait_for_all(ledger, time.monotonic() + 30)
+        _wait_for_all(ledger, time.monotonic() + 60)  # an upper bound, not a timing check
         ws_after = ws.received - after_faults
         before_drain = ledger.check().deliveries
         _drain_all(rests[2], ledger, deadline)  # whatever the WebSocket consumer did not take
