@@ -4,8 +4,8 @@ PostgreSQL: a session-level advisory lock on the runner thread's own database co
 database drops it the moment that session ends, including when the process is killed with -9,
 so a restarted or surviving process takes over at once. Because the runner's broker calls go
 through the same session, a runner that lost its lock (its session died) cannot ack or extend
-anything either: it fails and stops. A runner thread keeps its connection for its whole life
-and discards it at the end (discard_connection), so the session never goes back to the pool.
+anything either: it fails and stops. A runner thread has a connection of its own, outside the
+pool (use_own_connection), and closes it for real at the end (discard_connection).
 
 SQLite: every process sharing the file runs on the same machine (SQLite requires that), so an
 exclusive `flock` on a file next to the database does the same job, and the kernel drops it
@@ -19,7 +19,7 @@ import os
 import threading
 from typing import IO, Protocol
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 _PG_CLASS_ID = 0x50475342  # "PGSB": keeps bridge locks apart from other advisory locks
 
@@ -40,6 +40,30 @@ def for_bridge(bridge_id: int) -> RunnerLock:
     return FileLock(f"{name}.bridge-{bridge_id}.lock")
 
 
+def use_own_connection() -> None:
+    """Give the calling thread a PostgreSQL connection of its own, outside the connection pool.
+    A runner keeps its session for as long as it runs (its advisory lock lives there): taken
+    from the pool, it would hold a connection the web requests need. Call before any query."""
+    if connection.vendor != "postgresql" or "pool" not in connection.settings_dict.get("OPTIONS", {}):
+        return
+    settings_dict = {**connection.settings_dict}
+    settings_dict["OPTIONS"] = {k: v for k, v in settings_dict["OPTIONS"].items() if k != "pool"}
+    connections[DEFAULT_DB_ALIAS] = type(connections[DEFAULT_DB_ALIAS])(settings_dict, DEFAULT_DB_ALIAS)
+
+
+def locked_bridges() -> set[int]:
+    """Bridges some session holds the advisory lock of (PostgreSQL; empty elsewhere): the
+    supervisor starts no thread for those, so standby processes cost one query per scan."""
+    if connection.vendor != "postgresql":
+        return set()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted",
+            [_PG_CLASS_ID],
+        )
+        return {int(row[0]) for row in cursor.fetchall()}
+
+
 def discard_connection() -> None:
     """Close this thread's database connection for real. With the connection pool, a plain
     close() hands the session back to the pool, and a session-level advisory lock with it: the
@@ -53,9 +77,13 @@ def discard_connection() -> None:
     connection.close()
 
 
+def advisory_key(bridge_id: int) -> int:
+    return bridge_id & 0x7FFFFFFF  # the two-int form of the lock takes 32-bit keys
+
+
 class AdvisoryLock:
     def __init__(self, bridge_id: int) -> None:
-        self.key = bridge_id & 0x7FFFFFFF
+        self.key = advisory_key(bridge_id)
 
     def acquire(self) -> bool:
         with connection.cursor() as cursor:

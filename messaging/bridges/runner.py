@@ -44,9 +44,11 @@ class Supervisor:
     def scan(self) -> None:
         """Start a worker for every enabled bridge that has none alive in this process."""
         close_old_connections()
-        for bridge_id in Bridge.objects.filter(enabled=True).order_by("pk").values_list("pk", flat=True):
+        enabled = list(Bridge.objects.filter(enabled=True).order_by("pk").values_list("pk", flat=True))
+        locked = locks.locked_bridges()  # by another process, or by our own live worker
+        for bridge_id in enabled:
             worker = self.workers.get(bridge_id)
-            if worker is None or not worker.is_alive():
+            if (worker is None or not worker.is_alive()) and locks.advisory_key(bridge_id) not in locked:
                 worker = threading.Thread(
                     target=run_bridge, args=(bridge_id, self.stop), name=f"pegasus-bridge-{bridge_id}", daemon=True
                 )
@@ -57,6 +59,7 @@ class Supervisor:
 def run_bridge(bridge_id: int, stop: threading.Event) -> None:
     """Forward one bridge in this thread for as long as this process holds its lock."""
     try:
+        locks.use_own_connection()
         lock = locks.for_bridge(bridge_id)
         if lock.acquire():
             try:

@@ -53,7 +53,44 @@ def test_advisory_lock__one_session_at_a_time_and_fenced():
     mine.release()
     assert not mine.held()
     assert _in_thread(lambda: locks.for_bridge(42).acquire()) is True
-    assert _bridge_locks_held() == []  # none left behind in a pooled connection
+    assert _eventually(lambda: _bridge_locks_held() == [])  # none left behind in a pooled connection
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_use_own_connection__a_runner_session_is_outside_the_pool_and_really_closes():
+    def run() -> tuple[Any, int, bool]:
+        locks.use_own_connection()
+        lock = locks.for_bridge(9)
+        assert lock.acquire()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+        held = 9 in locks.locked_bridges()
+        return getattr(connection, "pool", None), pid, held
+
+    pool, pid, held = _in_thread(run)
+    assert pool is None and held
+    # The session ends with the thread (the server notices the close a moment later), and its
+    # lock with it; a pooled connection would have lived on.
+    assert _eventually(lambda: locks.locked_bridges() == set())
+    assert _eventually(lambda: _backend_gone(pid))
+
+
+def _backend_gone(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+        return bool(cursor.fetchone()[0] == 0)
+
+
+def _eventually(check: Any) -> bool:
+    """Poll `check` for up to 10 s: a closed session leaves the server asynchronously."""
+    deadline = time.monotonic() + 10
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _bridge_locks_held() -> list[int]:
@@ -69,7 +106,7 @@ def test_advisory_lock__dies_with_its_session():
     assert mine.acquire()
     locks.discard_connection()  # what kill -9 does to the session, as far as the database can tell
     assert not mine.held()
-    assert _in_thread(lambda: locks.for_bridge(7).acquire()) is True
+    assert _eventually(lambda: _in_thread(lambda: locks.for_bridge(7).acquire()))
 
 
 @pytest.mark.django_db(transaction=True)
