@@ -30,3 +30,6 @@ class AuditEntryAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return bool(request.user.is_active and request.user.is_staff)
+
+
+from console import security_admin  # noqa: E402,F401  (registers tokens, access rules, users, groups)

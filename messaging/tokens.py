@@ -22,25 +22,22 @@ def hash_token(raw: str) -> str:
 
 def create_token(*, user: Any, name: str = "default", expires_at: datetime | None = None) -> str:
     """Create a token for `user` and return it; this is the only time it can be seen."""
+    return issue_token(user=user, name=name, expires_at=expires_at)[1]
+
+
+def issue_token(*, user: Any, name: str = "default", expires_at: datetime | None = None) -> tuple[ApiToken, str]:
+    """Create a token; return its row and the raw token (shown once, stored only hashed)."""
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    ApiToken.objects.create(user=user, name=name, key_hash=hash_token(raw), prefix=raw[:10], expires_at=expires_at)
-    return raw
+    row = ApiToken.objects.create(
+        user=user, name=name, key_hash=hash_token(raw), prefix=raw[:10], expires_at=expires_at
+    )
+    return row, raw
 
 
 def authenticate(raw: str | None) -> Any | None:
     """The active user of a valid, unexpired, unrevoked token, or None."""
-    if not raw or len(raw) > 200:
-        return None
-    now = clock.now()
-    token = (
-        ApiToken.objects.select_related("user")
-        .filter(key_hash=hash_token(raw), revoked_at__isnull=True)
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-        .first()
-    )
-    if token is None or not token.user.is_active:
-        return None
-    return token.user
+    token = authenticate_token(raw)
+    return token.user if token is not None else None
 
 
 def ensure_user(username: str, *, admin: bool = False) -> Any:
@@ -51,3 +48,32 @@ def ensure_user(username: str, *, admin: bool = False) -> Any:
         user.is_staff = True
         user.save(update_fields=["is_superuser", "is_staff"])
     return user
+
+
+def revoke(*, token_ids: list[int]) -> int:
+    """Revoke tokens: refused from now on; live connections using them close within seconds."""
+    return ApiToken.objects.filter(pk__in=token_ids, revoked_at__isnull=True).update(revoked_at=clock.now())
+
+
+def is_active(token_id: int) -> bool:
+    """Is this token still good (not revoked, not expired)? Live connections re-check this."""
+    now = clock.now()
+    return (
+        ApiToken.objects.filter(pk=token_id, revoked_at__isnull=True, user__is_active=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .exists()
+    )
+
+
+def authenticate_token(raw: str | None) -> ApiToken | None:
+    """The valid token row (with its user) for a raw token, or None."""
+    if not raw or len(raw) > 200:
+        return None
+    now = clock.now()
+    token = (
+        ApiToken.objects.select_related("user")
+        .filter(key_hash=hash_token(raw), revoked_at__isnull=True, user__is_active=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .first()
+    )
+    return token
