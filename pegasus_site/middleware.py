@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from django.http import HttpRequest, HttpResponse
+from django.utils.deprecation import MiddlewareMixin
 
 # No inline scripts anywhere in the console (console/static/console/console.js is a file), so
 # script-src is 'self' only: an injected <script> or on* attribute cannot run. Styles may be
@@ -24,14 +23,14 @@ CONSOLE_CSP = "; ".join(
 )
 
 
-class ContentSecurityPolicyMiddleware:
-    """Adds a Content-Security-Policy to every console response."""
+class ContentSecurityPolicyMiddleware(MiddlewareMixin):
+    """Adds a Content-Security-Policy to every console response.
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
+    A MiddlewareMixin, so it runs in async mode too: one sync-only middleware would make Django
+    run every async view (REST long polls) inside a worker thread for its whole duration.
+    """
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
-        response = self.get_response(request)
+    def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
         if request.path.startswith("/console/") and "Content-Security-Policy" not in response:
             response["Content-Security-Policy"] = CONSOLE_CSP
         return response

@@ -117,3 +117,12 @@ async def test_publish__201_means_committed(consumer: Consumer, queue: Any):
         return Delivery.objects.filter(message_id__in=ids).count()
 
     assert await hop(committed)() == 2
+
+
+def test_every_middleware_runs_in_async_mode(settings):
+    # One sync-only middleware makes Django run async views (long polls) in a worker thread
+    # for the whole request: a thread held per waiting client.
+    from django.utils.module_loading import import_string
+
+    sync_only = [m for m in settings.MIDDLEWARE if not getattr(import_string(m), "async_capable", False)]
+    assert sync_only == []
