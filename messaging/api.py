@@ -64,7 +64,8 @@ def _user(request: HttpRequest) -> Any:
 # --------------------------------------------------------------------------- rendering
 
 
-def _queue_out(queue: Queue) -> dict[str, Any]:
+def _queue_out(queue: Queue, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A queue's settings and stats (`stats` from queries.all_queue_stats when listing many)."""
     return {
         "name": queue.name,
         "max_deliveries": queue.max_deliveries,
@@ -75,13 +76,13 @@ def _queue_out(queue: Queue) -> dict[str, Any]:
         "expired_action": queue.expired_action,
         "paused": queue.paused,
         "created_at": queue.created_at,
-        **queries.queue_stats(queue),
+        **(stats if stats is not None else queries.queue_stats(queue)),
     }
 
 
-def _subscription_out(sub: Queue) -> dict[str, Any]:
+def _subscription_out(sub: Queue, stats: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
-        **_queue_out(sub),
+        **_queue_out(sub, stats),
         "topic": sub.topic.name if sub.topic else "",
         "durable": sub.durable,
         "filter": sub.filter,
@@ -115,7 +116,8 @@ def list_queues(request: HttpRequest) -> dict[str, Any]:
     """The queues this user may consume from, with their stats."""
     user = _user(request)
     visible = [q for q in catalog.list_queues() if access.can(user, Action.CONSUME, kind=Kind.QUEUE, name=q.name)]
-    return {"queues": [_queue_out(q) for q in visible]}
+    stats = queries.all_queue_stats([q.pk for q in visible])
+    return {"queues": [_queue_out(q, stats[q.pk]) for q in visible]}
 
 
 @router.get("/queues/{name}", response={200: QueueOut, **ERRORS}, tags=["queues"])
@@ -264,7 +266,9 @@ def create_subscription(request: HttpRequest, topic: TopicName, payload: Subscri
 @router.get("/topics/{topic}/subscriptions", response={200: SubscriptionListOut, **ERRORS}, tags=["topics"])
 def list_subscriptions(request: HttpRequest, topic: TopicName) -> dict[str, Any]:
     t = access.access_topic(user=_user(request), name=topic, action=Action.CONSUME)
-    return {"subscriptions": [_subscription_out(s) for s in catalog.list_subscriptions(t)]}
+    subs = catalog.list_subscriptions(t)
+    stats = queries.all_queue_stats([s.pk for s in subs])
+    return {"subscriptions": [_subscription_out(s, stats[s.pk]) for s in subs]}
 
 
 @router.get("/topics/{topic}/subscriptions/{name}", response={200: SubscriptionOut, **ERRORS}, tags=["topics"])
