@@ -168,15 +168,7 @@ def _browse(queue: Queue, *, state: str | None, after: str | None, limit: int) -
 @router.post("/queues/{name}/messages", response={201: PublishOut, **ERRORS}, tags=["messages"])
 async def publish_to_queue(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
     """Publish one message or a batch, all or nothing; 201 once durable messages are committed."""
-    user, messages = _user(request), payload.outgoing_messages()
-
-    def resolve() -> broker.PublishRequest:
-        queue = access.access_queue(user=user, name=name, action=Action.SEND)
-        return broker.PublishRequest(queue=queue, messages=messages, transaction_id=payload.transaction, user=user)
-
-    # Async, so that concurrent publishes share one hop and one commit (messaging/group_commit.py).
-    results = await group_commit.publish(resolve, size=len(messages))
-    return Status(201, {"messages": results})
+    return Status(201, {"messages": await _publish(request, Kind.QUEUE, name, payload)})
 
 
 @router.post("/queues/{name}/receive", response={200: ReceiveOut, **ERRORS}, tags=["messages"])
@@ -229,14 +221,26 @@ def delete_topic(request: HttpRequest, name: Name) -> Status[None]:
 @router.post("/topics/{name}/messages", response={201: PublishOut, **ERRORS}, tags=["messages"])
 async def publish_to_topic(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
     """Publish to every subscription (whose filter matches) that exists now; 201 once committed."""
+    return Status(201, {"messages": await _publish(request, Kind.TOPIC, name, payload)})
+
+
+async def _publish(request: HttpRequest, kind: Kind, name: str, payload: PublishIn) -> list[broker.PublishResult]:
+    """Async, so that concurrent publishes share one hop and one commit (messaging/group_commit.py);
+    a publish inside a transaction is staged on its own."""
     user, messages = _user(request), payload.outgoing_messages()
+    if payload.transaction is None:
+        return await group_commit.publish(user=user, kind=kind, name=name, messages=messages)
+    return await longpoll.hop(_publish_in_transaction)(user, kind, name, messages, payload.transaction)
 
-    def resolve() -> broker.PublishRequest:
-        topic = access.access_topic(user=user, name=name, action=Action.SEND)
-        return broker.PublishRequest(topic=topic, messages=messages, transaction_id=payload.transaction, user=user)
 
-    results = await group_commit.publish(resolve, size=len(messages))
-    return Status(201, {"messages": results})
+def _publish_in_transaction(
+    user: Any, kind: Kind, name: str, messages: list[broker.OutgoingMessage], transaction_id: str
+) -> list[broker.PublishResult]:
+    if kind is Kind.QUEUE:
+        queue = access.access_queue(user=user, name=name, action=Action.SEND)
+        return broker.publish(queue=queue, messages=messages, transaction_id=transaction_id, user=user)
+    topic = access.access_topic(user=user, name=name, action=Action.SEND)
+    return broker.publish(topic=topic, messages=messages, transaction_id=transaction_id, user=user)
 
 
 # --------------------------------------------------------------------------- subscriptions

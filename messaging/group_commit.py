@@ -3,37 +3,49 @@
 Every durable publish must be committed (flushed to disk) before it is confirmed, and a commit
 costs a WAL flush. Requests that arrive while a round is in flight wait in a queue; when it
 finishes they all go to the database together as the next round: ONE hop that checks each
-request's access (`resolve`) and publishes them all in one transaction (`broker.publish_many`).
+request's access and publishes them all in one transaction (`broker.publish_many`).
 An idle server adds no delay (the first request goes at once); a busy one answers many
 publishers with one hop and one flush per round. Each request still gets its own outcome: its
 results, or the error it alone caused (a refused access check, a bad message).
 
 REST publish views and the WebSocket consumer call `await group_commit.publish(...)` where they
-would call `await database_sync_to_async(broker.publish)(...)`. The round is one hop
-(longpoll.hop: the connection goes back after it, unless a test's transaction holds it).
+would call `await database_sync_to_async(broker.publish)(...)`. A round is one hop, on a thread
+of its own (see _ROUND_THREAD); the connection goes back to the pool after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from messaging import broker, longpoll
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
+
+from messaging import access, broker, longpoll
 from messaging.exceptions import BrokerError
 
 # One round carries at most this many messages: bounds the transaction and the wait behind it.
 MAX_ROUND_MESSAGES = 5000
 
-Resolve = Callable[[], broker.PublishRequest]
+
+@dataclass(frozen=True)
+class Publish:
+    """One publish as an interface received it; access is checked inside the round."""
+
+    user: Any
+    kind: access.Kind
+    name: str
+    messages: Sequence[broker.OutgoingMessage]
 
 
 @dataclass
 class _Pending:
-    resolve: Resolve  # runs inside the round's hop: access checks and lookups, then the request
-    size: int  # messages, for MAX_ROUND_MESSAGES
+    publish: Publish
     future: asyncio.Future[list[broker.PublishResult]]
 
 
@@ -45,9 +57,9 @@ class GroupCommitter:
         self._running = False
         self._task: asyncio.Future[None] | None = None  # kept: the loop holds tasks only weakly
 
-    async def publish(self, resolve: Resolve, size: int) -> list[broker.PublishResult]:
+    async def publish(self, publish: Publish) -> list[broker.PublishResult]:
         future: asyncio.Future[list[broker.PublishResult]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(resolve, size, future))
+        self._pending.append(_Pending(publish, future))
         if not self._running:
             self._running = True
             self._task = asyncio.ensure_future(self._run())
@@ -65,16 +77,16 @@ class GroupCommitter:
     def _take_round(self) -> list[_Pending]:
         taken, count = 0, 0
         for pending in self._pending:
-            if taken and count + pending.size > MAX_ROUND_MESSAGES:
+            if taken and count + len(pending.publish.messages) > MAX_ROUND_MESSAGES:
                 break
             taken += 1
-            count += pending.size
+            count += len(pending.publish.messages)
         round_, self._pending = self._pending[:taken], self._pending[taken:]
         return round_
 
     async def _commit(self, round_: list[_Pending]) -> None:
         try:
-            outcomes: Sequence[Any] = await longpoll.hop(run_round)([p.resolve for p in round_])
+            outcomes: Sequence[Any] = await _hop()([p.publish for p in round_])
         except Exception as exc:  # the hop itself failed: every publish of the round failed
             outcomes = [exc] * len(round_)
         for pending, outcome in zip(round_, outcomes, strict=True):
@@ -86,31 +98,76 @@ class GroupCommitter:
                 pending.future.set_result(outcome)
 
 
-def run_round(resolvers: Sequence[Resolve]) -> list[list[broker.PublishResult] | Exception]:
-    """One round, in the database thread: resolve each request, then publish them together."""
-    outcomes: list[list[broker.PublishResult] | Exception | None] = [None] * len(resolvers)
+# Rounds run on a thread of their own, not on the one thread that runs every other
+# thread-sensitive hop of the process: channels makes a hop (aclose_old_connections) before each
+# WebSocket frame, and requests make their own, so a round waiting for its commit there would
+# stop every connection from reading its next frame, which is exactly what a round should collect.
+_ROUND_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pegasus-group-commit")
+
+
+# The test suite turns this off (tests/conftest.py): a test's transaction lives on the test's
+# own connection, which only the thread-sensitive hop uses.
+OWN_THREAD = os.environ.get("PEGASUS_GROUP_COMMIT_THREAD", "1") != "0"
+
+
+def _hop() -> Callable[[Sequence[Publish]], Awaitable[list[list[broker.PublishResult] | Exception]]]:
+    if not OWN_THREAD:
+        return longpoll.hop(run_round)
+    return sync_to_async(_run_round_and_close, thread_sensitive=False, executor=_ROUND_THREAD)
+
+
+def _run_round_and_close(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] | Exception]:
+    try:
+        return run_round(publishes)
+    finally:
+        close_old_connections()  # give the connection back to the pool (CONN_MAX_AGE=0)
+
+
+def run_round(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] | Exception]:
+    """One round, in the database thread: check each publish's access (once per user and
+    destination), then publish them together (broker.publish_many)."""
+    outcomes: list[list[broker.PublishResult] | Exception | None] = [None] * len(publishes)
+    allowed: dict[tuple[Any, access.Kind, str], Any] = {}
     requests: list[broker.PublishRequest] = []
     indexes: list[int] = []
-    for i, resolve in enumerate(resolvers):
+    for i, p in enumerate(publishes):
         try:
-            requests.append(resolve())
-            indexes.append(i)
+            key = (getattr(p.user, "pk", None), p.kind, p.name)
+            if key not in allowed:
+                allowed[key] = _access(p)
+            target = allowed[key]
         except BrokerError as exc:
             outcomes[i] = exc
+            continue
+        is_queue = p.kind is access.Kind.QUEUE
+        requests.append(
+            broker.PublishRequest(
+                queue=target if is_queue else None, topic=None if is_queue else target, messages=p.messages, user=p.user
+            )
+        )
+        indexes.append(i)
     for i, outcome in zip(indexes, broker.publish_many(requests=requests), strict=True):
         outcomes[i] = outcome
     return outcomes  # type: ignore[return-value]
 
 
+def _access(p: Publish) -> Any:
+    if p.kind is access.Kind.QUEUE:
+        return access.access_queue(user=p.user, name=p.name, action=access.Action.SEND)
+    return access.access_topic(user=p.user, name=p.name, action=access.Action.SEND)
+
+
 _committers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommitter] = weakref.WeakKeyDictionary()
 
 
-async def publish(resolve: Resolve, *, size: int) -> list[broker.PublishResult]:
-    """Publish what `resolve()` returns (called in the round's database hop; it may raise a
-    BrokerError, e.g. from an access check), committed together with the publishes around it.
-    Same contract as `broker.publish`; `size` is the number of messages."""
+async def publish(
+    *, user: Any, kind: access.Kind, name: str, messages: Sequence[broker.OutgoingMessage]
+) -> list[broker.PublishResult]:
+    """Publish `messages` to the queue or topic `name` as `user` (send access is checked in the
+    round), committed together with the publishes around it. Same contract as `broker.publish`
+    outside a transaction; publishes inside one call broker.publish directly."""
     loop = asyncio.get_running_loop()
     committer = _committers.get(loop)
     if committer is None:
         committer = _committers[loop] = GroupCommitter()
-    return await committer.publish(resolve, size)
+    return await committer.publish(Publish(user=user, kind=kind, name=name, messages=messages))

@@ -155,13 +155,9 @@ class Session:
     ) -> list[broker.PublishResult]:
         """publish (no transaction) committed together with concurrent publishes: the access
         check and the publish run in the next group commit round (messaging/group_commit.py)."""
-        user = self.user
-
-        def resolve() -> broker.PublishRequest:
-            queue, topic = _access_send(user=user, destination=destination)
-            return broker.PublishRequest(queue=queue, topic=topic, messages=messages, user=user)
-
-        return await group_commit.publish(resolve, size=len(messages))
+        return await group_commit.publish(
+            user=self.user, kind=destination.kind, name=destination.name, messages=messages
+        )
 
     async def begin(self) -> str:
         txn = await hop(broker.begin)(user=self.user)
@@ -260,12 +256,6 @@ def _publish(
         return broker.publish(queue=queue, messages=messages, transaction_id=transaction_id, user=user)
     topic = access.access_topic(user=user, name=destination.name, action=access.Action.SEND)
     return broker.publish(topic=topic, messages=messages, transaction_id=transaction_id, user=user)
-
-
-def _access_send(*, user: Any, destination: Destination) -> tuple[Queue | None, Any]:
-    if destination.kind is access.Kind.QUEUE:
-        return access.access_queue(user=user, name=destination.name, action=access.Action.SEND), None
-    return None, access.access_topic(user=user, name=destination.name, action=access.Action.SEND)
 
 
 def _nack_all(receipts: list[str]) -> None:

@@ -14,6 +14,9 @@ from messaging import broker, clock, tokens
 # No bridge runners in the test process or in the servers tests start, unless a test asks
 # (tests/bridges start theirs explicitly): a stray runner would forward a test's bridge.
 os.environ.setdefault("PEGASUS_BRIDGES_RUNNER", "off")
+# Group commit rounds run in the thread-sensitive hop, where a test's transaction is visible
+# (messaging/group_commit.py; tests/messaging/test_group_commit.py covers the own-thread mode).
+os.environ.setdefault("PEGASUS_GROUP_COMMIT_THREAD", "0")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:

@@ -105,11 +105,26 @@ def publish_many(*, requests: Sequence[PublishRequest]) -> list[list[PublishResu
 def _publish_group(
     requests: Sequence[PublishRequest], grouped: list[int], outcomes: list[list[PublishResult] | Exception | None]
 ) -> None:
+    # Requests to the same destination become one batch (one statement, one notify); each
+    # gets its slice of the results back. In-batch dedup then spans them, in request order,
+    # which is what publishing them one after the other would give.
+    by_destination: dict[tuple[str, int], list[int]] = {}
+    for i in grouped:
+        queue, topic = requests[i].queue, requests[i].topic
+        key = ("queue", queue.pk) if queue is not None else ("topic", topic.pk)  # type: ignore[union-attr]
+        by_destination.setdefault(key, []).append(i)
     body_done = False
     try:
         with transaction.atomic():
-            for i in grouped:
-                outcomes[i] = _publish_checked(requests[i])
+            for indexes in by_destination.values():
+                first = requests[indexes[0]]
+                batch = [msg for i in indexes for msg in requests[i].messages]
+                results = _publish_checked(PublishRequest(queue=first.queue, topic=first.topic, messages=batch))
+                start = 0
+                for i in indexes:
+                    end = start + len(requests[i].messages)
+                    outcomes[i] = results[start:end]
+                    start = end
             body_done = True
     except Exception as exc:
         if body_done:  # the COMMIT itself failed: the outcome is unknown, so nothing is retried
