@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from messaging import access, broker
@@ -40,6 +41,15 @@ class JsonConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.session: Session | None = None
         self.closing = False
         self._in_flight: set[asyncio.Future[None]] = set()  # pipelined publishes awaiting their commit
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """channels' dispatch without its aclose_old_connections() hop before every frame: each
+        database operation here is a hop that closes its own connection, and that extra hop per
+        frame queued behind every other hop of the process (it capped pipelined publishing)."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self) -> None:
         token = credentials(self.scope)
