@@ -115,10 +115,14 @@ class BridgeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         self._set_enabled(request, queryset, enabled=False)
 
     def _set_enabled(self, request: HttpRequest, queryset: QuerySet[Bridge], *, enabled: bool) -> None:
+        done = 0
         for bridge in queryset:
-            services.update_bridge(bridge=bridge, changes={"enabled": enabled})
-        self.message_user(request, f"{queryset.count()} bridge(s) {'enabled' if enabled else 'disabled'}.",
-                          messages.SUCCESS)  # fmt: skip
+            try:
+                services.update_bridge(bridge=bridge, changes={"enabled": enabled})
+                done += 1
+            except BrokerError as exc:  # enabling re-checks the source and the target
+                self.message_user(request, f"{bridge.name}: {exc.message}", messages.ERROR)
+        self.message_user(request, f"{done} bridge(s) {'enabled' if enabled else 'disabled'}.", messages.SUCCESS)
 
     # ------------------------------------------------------------------ state columns
 

@@ -61,7 +61,11 @@ def update_bridge(*, bridge: Bridge, changes: dict[str, Any]) -> Bridge:
         raise InvalidRequest(f"Cannot change {', '.join(sorted(unknown))}.")
     if not changes.get("target_token"):
         changes = {k: v for k, v in changes.items() if k != "target_token"}
-    _apply(bridge, {**{f: getattr(bridge, f) for f in EDITABLE}, **changes})
+    if changes == {"enabled": False}:
+        # Stopping always works, even when the source is gone or the target no longer allowed.
+        bridge.enabled = False
+    else:
+        _apply(bridge, {**{f: getattr(bridge, f) for f in EDITABLE}, **changes})
     bridge.save()
     return bridge
 

@@ -59,3 +59,17 @@ def test_staff_who_are_not_admins_cannot_see_bridges(client, django_user_model, 
     staff = django_user_model.objects.create_user("carol", is_staff=True, password="pw")
     client.force_login(staff)
     assert client.get(CHANGELIST).status_code == 403
+
+
+def test_actions__disable_and_enable_with_a_message_for_what_cannot_be_enabled(client, alice, bridge_factory, settings):
+    bridge = bridge_factory()
+    client.force_login(alice)
+    post = {"action": "disable", "_selected_action": [bridge.pk]}
+    assert client.post(CHANGELIST, post).status_code == 302
+    bridge.refresh_from_db()
+    assert bridge.enabled is False
+    settings.PEGASUS_BRIDGES = {**settings.PEGASUS_BRIDGES, "TARGETS": []}
+    page = client.post(CHANGELIST, {**post, "action": "enable"}, follow=True).content.decode()
+    assert "PEGASUS_BRIDGE_TARGETS" in page and "0 bridge(s) enabled" in page
+    bridge.refresh_from_db()
+    assert bridge.enabled is False

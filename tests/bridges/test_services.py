@@ -133,3 +133,14 @@ def test_delete__removes_bridge_and_state_but_not_messages(bridge_factory, publi
     services.delete_bridge(bridge=bridge)
     assert not BridgeState.objects.filter(pk=bridge.pk).exists()
     assert len(broker.receive(queue=queue)) == 1
+
+
+def test_update__disabling_works_even_when_the_source_and_target_are_gone(bridge_factory, settings):
+    bridge = bridge_factory()
+    broker.delete_queue(queue=broker.get_queue(name=bridge.source_name))
+    settings.PEGASUS_BRIDGES = {**settings.PEGASUS_BRIDGES, "TARGETS": []}
+    services.update_bridge(bridge=bridge, changes={"enabled": False})
+    bridge.refresh_from_db()
+    assert bridge.enabled is False
+    with pytest.raises(TargetNotAllowed):
+        services.update_bridge(bridge=bridge, changes={"enabled": True})
