@@ -4,9 +4,10 @@ Two workers run transactions over REST: open, publish three messages into it, pr
 of them, then commit (70 %) or roll back (30 %). Every step is retried until the broker answers
 for sure (commit and rollback are idempotent, a publish repeats its dedup_id); the final state
 of each transaction is read back from the broker. A killer thread kill -9s daphne meanwhile,
-and a consumer takes and acks messages throughout. Besides, a few transactions are prepared and
-left so across a kill: after the restart they must all be listed as prepared, and are then
-finished (half committed, half rolled back).
+and a consumer takes messages throughout and acks 70 % of its batches inside transactions of
+its own (committed or rolled back: the messages of a rolled-back ack come back, flagged).
+Besides, a few transactions are prepared and left so across a kill: after the restart they
+must all be listed as prepared, and are then finished (half committed, half rolled back).
 
 Messages of rolled-back transactions ever delivered = 0; committed transactions partly
 delivered = 0 (all three of its messages, or it is lost); prepared transactions recovered = all.
@@ -69,6 +70,32 @@ class Worker:
                 self.ledger.attempt(key, OK if state == "committed" else FAILED)
 
 
+class TxnAcks:
+    """Acks inside transactions: commit (half of them) makes them count, rollback sends the messages back
+    (redelivered). An ack counts in the ledger only once its transaction is known committed."""
+
+    def __init__(self, rest: Rest, ledger: Ledger, deadline: float) -> None:
+        self.rest, self.ledger, self.deadline = rest, ledger, deadline
+        self.rng = random.Random(33)
+        self.committed = self.rolled_back = 0
+
+    def ack(self, messages: list[dict[str, Any]]) -> None:
+        txn = _until(lambda: self.rest.post("/transactions", {}), self.deadline).json()["id"]
+        body = {"receipts": [m["receipt"] for m in messages], "transaction": txn}
+        answer = self.rest.post("/ack", body)  # once: a lost answer leaves the outcome unknown
+        how = "commit" if self.rng.random() < 0.5 else "rollback"
+        _until(lambda: self.rest.post(f"/transactions/{txn}/{how}", {}), self.deadline)
+        state = _until(lambda: self.rest.get(f"/transactions/{txn}"), self.deadline).json()["state"]
+        if state == "committed":
+            self.committed += 1
+            if answer is not None and answer.status_code == 200:
+                for m, result in zip(messages, answer.json()["results"], strict=True):
+                    if result["status"] == "ok":
+                        self.ledger.acked(m["id"], m["delivery_count"])
+        else:
+            self.rolled_back += 1
+
+
 def test_kill9_during_transactions__all_or_nothing(daphne, admin_token):
     broker.create_queue(name="s3", settings=broker.QueueSettings(visibility_timeout_seconds=5))
     server = daphne()
@@ -84,9 +111,18 @@ def test_kill9_during_transactions__all_or_nothing(daphne, admin_token):
             w.one(j)
             j += 1
 
+    txn_acks = TxnAcks(consumer, ledger, deadline)
+    batches: list[int] = []
+
     def consume() -> None:
         while not stop.is_set():
-            consumer.ack(consumer.receive("/queues/s3/receive", ledger, max_messages=10, wait=0.5), ledger)
+            got = consumer.receive("/queues/s3/receive", ledger, max_messages=10, wait=0.5)
+            batches.append(len(got))
+            if got and txn_acks.rng.random() < 0.7:
+                txn_acks.ack(got)
+            else:
+                consumer.ack(got, ledger)
+            time.sleep(0.3)  # let batches build up
 
     threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in workers]
     threads.append(threading.Thread(target=consume, daemon=True))
@@ -124,6 +160,9 @@ def test_kill9_during_transactions__all_or_nothing(daphne, admin_token):
         unfinished=len(states) - states.count("committed") - states.count("rolled_back"),
         rolled_back_delivered=len(delivered & {k for keys in finished_not_committed for k in keys}),
         partly_visible=sum(1 for keys in committed.values() if 0 < len(set(keys) & delivered) < PER_TXN),
+        batches=sum(1 for b in batches if b),
+        ack_txns_committed=txn_acks.committed,
+        ack_txns_rolled_back=txn_acks.rolled_back,
         prepared_left=len(left),
         prepared_recovered=len(recovered),
         http_500=sum(r.statuses.get(500, 0) for r in [consumer, *(w.rest for w in workers)]),
