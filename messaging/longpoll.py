@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import AsyncToSync, sync_to_async
 from django.db import close_old_connections, connection
 
 from messaging import broker, listener
@@ -30,11 +31,21 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# The threads database hops run in, shared by all requests of this process: a waiting long poll
+# holds none of them (Django would otherwise give each request its own thread for its whole
+# life). As many as connections the process may use (PEGASUS_DB_POOL_SIZE, settings.py).
+HOP_THREADS = int(os.environ.get("PEGASUS_DB_POOL_SIZE", "16"))
+_hop_executor = ThreadPoolExecutor(max_workers=HOP_THREADS, thread_name_prefix="pegasus-hop")
+
+
 def hop(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
-    """One database hop from async code: run `fn` in the request's worker thread, then close
-    the connection (CONN_MAX_AGE=0), so nothing is held while the caller waits. channels'
-    database_sync_to_async does the same, but would also "close" a connection inside an atomic
-    block (a test's transaction), which poisons it."""
+    """One database hop from async code: run `fn` in a shared worker thread, then close the
+    connection (back to the pool, or closed: CONN_MAX_AGE=0), so nothing is held between hops.
+
+    Called from sync code through async_to_sync (Django's test client, WSGI), the hop runs in
+    that calling thread instead, as thread-sensitive code would: its connection may be inside a
+    test's transaction, which is then left alone (channels' database_sync_to_async would
+    "close" it, which poisons the transaction)."""
 
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -43,7 +54,15 @@ def hop(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
             if not connection.in_atomic_block:
                 close_old_connections()
 
-    return sync_to_async(run)
+    shared = sync_to_async(run, thread_sensitive=False, executor=_hop_executor)
+    in_caller = sync_to_async(run)
+
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        if getattr(AsyncToSync.executors, "current", None) is not None:
+            return await in_caller(*args, **kwargs)
+        return await shared(*args, **kwargs)
+
+    return call
 
 
 async def receive(
@@ -72,3 +91,19 @@ async def receive(
             await bell
         finally:
             bell.cancel()
+
+
+def unpin_request_threads() -> None:
+    """For ASGI servers only (pegasus_site/asgi.py): keep a waiting request free of threads.
+
+    Django's ASGI handler gives each request a fresh thread for its thread-sensitive sync work,
+    created on first use and kept until the request ends. Its request_started receivers
+    (reset_queries, close_old_connections) are sync, so they would create that thread for every
+    request, and a long poll would keep an idle thread for up to 20 s. On a fresh thread they
+    have nothing to reset or close; request_finished still closes what the request opened.
+    """
+    from django.core import signals
+    from django.db import reset_queries
+
+    signals.request_started.disconnect(reset_queries)
+    signals.request_started.disconnect(close_old_connections)

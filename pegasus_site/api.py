@@ -39,7 +39,9 @@ class BearerAuth(HttpBearer):
     the connection is closed again before a long poll starts waiting.
     """
 
-    is_async = True
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_async = True  # after ninja's __init__, which sets it from `authenticate`
 
     def authenticate(self, request: HttpRequest, token: str) -> Any:
         try:

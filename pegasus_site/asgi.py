@@ -18,19 +18,21 @@ django_asgi_app = cast(Any, ASGIStaticFilesHandler(django_asgi_app))  # an ASGI 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from console import rates as console_rates  # noqa: E402
-from messaging import listener, maintenance, routing  # noqa: E402
+from messaging import listener, longpoll, maintenance, routing  # noqa: E402
 from messaging.bridges import runner as bridge_runner  # noqa: E402
 from pegasus_site.bodylimit import BodyLimit, guard_daphne  # noqa: E402
+from pegasus_site.longpoll_handler import LongPollRouter  # noqa: E402
 
 maintenance.start_in_background()
 bridge_runner.start_in_background()  # forwards bridges (docs/bridges.md); PEGASUS_BRIDGES_RUNNER=off opts out
 console_rates.start_in_background()  # flushes publish/deliver/ack counters for the console
 listener.ensure_started()  # cross-process wake-ups (PostgreSQL only)
 guard_daphne()  # 413 for oversized request bodies while they arrive, not after
+longpoll.unpin_request_threads()  # a waiting long poll holds no thread
 
 application = ProtocolTypeRouter(
     {
-        "http": BodyLimit(django_asgi_app),
+        "http": BodyLimit(LongPollRouter(django_asgi_app)),
         "websocket": routing.origin_checked(URLRouter(routing.websocket_urlpatterns)),
     }
 )

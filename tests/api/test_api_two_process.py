@@ -38,30 +38,36 @@ def servers(django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: Any)
             server.stop()
 
 
-async def _round(a: httpx.AsyncClient, b: httpx.AsyncClient, body: str) -> float:
+async def _round(a: httpx.AsyncClient, b: httpx.AsyncClient, body: str) -> tuple[float, float]:
+    """(publish committed -> B answered, publish sent -> B answered), in seconds."""
     poll = asyncio.ensure_future(b.post("/queues/two/receive", json={"wait_seconds": 20}))
     await asyncio.sleep(0.3)  # let B's long poll start waiting (not a timing assertion)
     assert not poll.done()
-    started = time.monotonic()
+    sent = time.monotonic()
     published = await a.post("/queues/two/messages", json={"body": body})
+    committed = time.monotonic()  # A answers 201 once the publish is committed
     assert published.status_code == 201
     response = await poll
-    elapsed = time.monotonic() - started
+    answered = time.monotonic()
     assert [m["body"] for m in response.json()["messages"]] == [body]
     ack = await b.post("/ack", json={"receipts": [response.json()["messages"][0]["receipt"]]})
     assert ack.status_code == 200
-    return elapsed
+    return answered - committed, answered - sent
 
 
 def test_long_poll_on_b_is_woken_by_a_publish_to_a(servers: tuple[Server, Server], alice: Any, token_for: Any):
     broker.create_queue(name="two")
-    timings = asyncio.run(_measure(*servers, token_for(alice)))
-    print(f"publish on A -> receive on B: median {statistics.median(timings) * 1000:.1f} ms, "
-          f"max {max(timings) * 1000:.1f} ms")  # fmt: skip
-    assert max(timings) < LIMIT_SECONDS, timings
+    rounds = asyncio.run(_measure(*servers, token_for(alice)))
+    after_commit, after_send = [r[0] for r in rounds], [r[1] for r in rounds]
+    print(
+        f"publish on A committed -> long poll on B answered: median {statistics.median(after_commit) * 1000:.1f} ms,"
+        f" max {max(after_commit) * 1000:.1f} ms; from sending the publish: median"
+        f" {statistics.median(after_send) * 1000:.1f} ms, max {max(after_send) * 1000:.1f} ms"
+    )
+    assert max(after_commit) < LIMIT_SECONDS, rounds
 
 
-async def _measure(server_a: Server, server_b: Server, token: str) -> list[float]:
+async def _measure(server_a: Server, server_b: Server, token: str) -> list[tuple[float, float]]:
     headers = {"Authorization": f"Bearer {token}"}
     async with (
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{server_a.port}/api/v1", headers=headers, timeout=30) as a,
