@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from django.http import HttpRequest
 from ninja import Path, Query, Router, Status
 
-from messaging import access, broker, catalog, group_commit, longpoll, queries
+from messaging import access, broker, catalog, group_commit, limits, longpoll, queries, tokens
 from messaging.access import Action, Kind
 from messaging.models import Queue, Topic
 from messaging.schemas import (
@@ -195,7 +195,7 @@ async def _receive(queue: Queue, payload: ReceiveIn) -> dict[str, Any]:
 def create_topic(request: HttpRequest, payload: TopicIn) -> Status[dict[str, Any]]:
     """Create a topic (201); an existing one answers 200."""
     access.require(_user(request), Action.MANAGE, kind=Kind.TOPIC, name=payload.name)
-    topic, created = broker.create_topic(name=payload.name)
+    topic, created = broker.create_topic(name=payload.name, user=_user(request))
     return Status(201 if created else 200, _topic_out(topic))
 
 
@@ -228,6 +228,7 @@ async def _publish(request: HttpRequest, kind: Kind, name: str, payload: Publish
     """Async, so that concurrent publishes share one hop and one commit (messaging/group_commit.py);
     a publish inside a transaction is staged on its own."""
     user, messages = _user(request), payload.outgoing_messages()
+    limits.check_publish_rate(user=user, token_key=tokens.token_key(user), messages=len(messages))
     if payload.transaction is None:
         return await group_commit.publish(user=user, kind=kind, name=name, messages=messages)
     return await longpoll.hop(_publish_in_transaction)(user, kind, name, messages, payload.transaction)

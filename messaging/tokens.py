@@ -37,7 +37,15 @@ def issue_token(*, user: Any, name: str = "default", expires_at: datetime | None
 def authenticate(raw: str | None) -> Any | None:
     """The active user of a valid, unexpired, unrevoked token, or None."""
     token = authenticate_token(raw)
-    return token.user if token is not None else None
+    if token is None:
+        return None
+    token.user.api_token_id = token.pk  # type: ignore[attr-defined]  # for per-token limits (token_key)
+    return token.user
+
+
+def token_key(user: Any) -> str:
+    """The key per-token limits are kept under: the token the user authenticated with."""
+    return f"token:{getattr(user, 'api_token_id', None) or f'user-{user.pk}'}"
 
 
 def ensure_user(username: str, *, admin: bool = False) -> Any:

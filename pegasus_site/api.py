@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable
 from typing import Any
 
@@ -100,7 +101,9 @@ def error_response(
 
 @api.exception_handler(BrokerError)
 def broker_error(request: HttpRequest, exc: BrokerError) -> HttpResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if isinstance(exc, Unavailable) else None
+    headers = None
+    if exc.retry_after is not None:  # 429 over quota, 503 unavailable: whole seconds, at least 1
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     if isinstance(exc, NotAuthenticated):
         headers = {"WWW-Authenticate": "Bearer"}
     return error_response(request, exc.status, exc.code, exc.message, headers)
