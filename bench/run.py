@@ -118,6 +118,7 @@ async def run_stages(todo: list[Stage], results: list[Result], srv: server.Serve
         # Share of one core the server used during the stage: near 100% means CPU-bound.
         cpu = (srv.cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before) * 100 if alive else None
         for r in got:
+            r.extra.setdefault("load_1m", os.getloadavg()[0])  # machine load: how noisy this figure is
             if system == "pegasus" and alive:
                 r.extra.setdefault("rss_mb", srv.rss_mb())
                 r.extra.setdefault("server_cpu_pct", cpu)
