@@ -75,7 +75,19 @@ class Server:
         command = [str(bin_dir / "daphne"), "-b", "127.0.0.1", "-p", str(self.port), "pegasus_site.asgi:application"]
         if profile is not None:  # sample the server with py-spy; collapsed stacks go to `profile`
             extra = os.environ.get("PEGASUS_BENCH_PYSPY_ARGS", "").split()  # e.g. --gil: CPU, not waits
-            command = [str(bin_dir / "py-spy"), "record", "-r", "200", "-f", "raw", "-o", str(profile), *extra, "--", *command]
+            command = [
+                str(bin_dir / "py-spy"),
+                "record",
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                str(profile),
+                *extra,
+                "--",
+                *command,
+            ]
         self.proc = subprocess.Popen(command, cwd=ROOT, env=server_env(), stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()
         self.pid = self._server_pid(profile is not None)
