@@ -9,6 +9,7 @@ from django.db import transaction
 
 from messaging import clock, conf
 from messaging.broker.common import STORES
+from messaging.broker.consumers import unregister_consumers
 from messaging.broker.delivery import _delete_deliveries
 from messaging.broker.destinations import delete_queue
 from messaging.broker.transactions import _rollback_locked
@@ -61,4 +62,6 @@ def run_maintenance(*, batch: int = 10_000) -> MaintenanceReport:
     report.transactions_removed, _ = Transaction.objects.filter(
         state__in=[TxState.COMMITTED, TxState.ROLLED_BACK], finished_at__lt=now - timedelta(hours=1)
     ).delete()
+    # Live consumers left by a server process that died (connected ones refresh every few seconds).
+    unregister_consumers(stale_before=now - timedelta(minutes=10))
     return report
