@@ -12,10 +12,11 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
-from channels.db import database_sync_to_async
+from channels.db import DatabaseSyncToAsync, database_sync_to_async
 from django.conf import settings
 
 from messaging import broker
@@ -31,6 +32,16 @@ R = TypeVar("R")
 def hop(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
     """`database_sync_to_async`, typed: one operation in the database thread."""
     return cast(Callable[P, Awaitable[R]], database_sync_to_async(func))
+
+
+# Pushers claim and auto-ack on threads of their own (each with its own pooled connection), not
+# on the one thread-sensitive thread every other hop of the process queues on: a pusher's claim
+# waits for its commit, and nothing else needs to wait for it.
+_PUSH_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pegasus-push")
+
+
+def push_hop(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+    return cast(Callable[P, Awaitable[R]], DatabaseSyncToAsync(func, thread_sensitive=False, executor=_PUSH_THREADS))
 
 
 Deliver = Callable[["Pusher", Sequence[broker.ReceivedMessage]], Awaitable[None]]
@@ -162,7 +173,7 @@ class Pusher:
             bell.cancel()
 
     async def _claim(self, limit: int) -> list[broker.ReceivedMessage]:
-        claim = asyncio.ensure_future(hop(broker.receive)(queue=self.queue, max_messages=limit))
+        claim = asyncio.ensure_future(push_hop(broker.receive)(queue=self.queue, max_messages=limit))
         try:
             messages = await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -178,5 +189,5 @@ class Pusher:
             self.unacked[m.receipt] = m.id
 
     async def _ack_now(self, receipts: list[str]) -> None:
-        await hop(broker.ack)(receipts=receipts)
+        await push_hop(broker.ack)(receipts=receipts)
         self.settled(receipts)
