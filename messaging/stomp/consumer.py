@@ -58,6 +58,7 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.transactions: dict[str, str] = {}  # STOMP transaction name → broker transaction id
         self.closing = False
         self._timers: list[asyncio.Task[None]] = []
+        self._sends: list[asyncio.Task[None]] = []  # pipelined SENDs waiting for their group commit
         self.last_received = self.last_sent = time.monotonic()
 
     # ------------------------------------------------------------------ WebSocket events
@@ -78,6 +79,7 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.closing = True
         for timer in self._timers:
             timer.cancel()
+        await asyncio.gather(*self._sends, return_exceptions=True)  # shielded in group_commit
         if self.session is not None:
             await self.session.close()
 
@@ -100,6 +102,13 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     async def _handle(self, frame: Frame) -> None:
         receipt = frame.get("receipt")
+        if frame.command == "SEND" and not frame.get("transaction") and self.session is not None:
+            self._pipeline_send(frame, receipt)
+            return
+        # Any other frame waits for the SENDs before it: their RECEIPTs and ERRORs come first.
+        await self._drain_sends()
+        if self.closing:
+            return
         try:
             await self._dispatch(frame)
         except StompError as exc:
@@ -147,6 +156,35 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
              "session": self.session.connection_id},
         )  # fmt: skip
         self._start_heartbeats(out_ms, in_ms)
+
+    def _pipeline_send(self, frame: Frame, receipt: str | None) -> None:
+        """A SEND outside a transaction joins the next group commit (messaging/group_commit.py)
+        while the following frames are read, so a client sending many messages gets them
+        committed together; its RECEIPT, the publisher confirm, follows the commit."""
+        self._sends = [t for t in self._sends if not t.done()]
+        self._sends.append(asyncio.create_task(self._grouped_send(frame, receipt)))
+
+    async def _grouped_send(self, frame: Frame, receipt: str | None) -> None:
+        try:
+            destination = parse_destination(_required(frame, "destination"))
+            await self._session.publish_grouped(destination, [_outgoing(frame)])
+        except StompError as exc:
+            await self._fail(exc, receipt=receipt)
+            return
+        except BrokerError as exc:
+            await self._fail(StompError(exc.code, exc.message), receipt=receipt)
+            return
+        except Exception:  # the database is away, say: this connection fails, nothing else
+            log.exception("STOMP publish failed")
+            await self._fail(StompError("internal error", "The message could not be stored."), receipt=receipt)
+            return
+        if receipt is not None:
+            await self._send_frame("RECEIPT", {"receipt-id": receipt})
+
+    async def _drain_sends(self) -> None:
+        sends, self._sends = self._sends, []
+        if sends:
+            await asyncio.gather(*sends)
 
     async def _on_send(self, frame: Frame) -> None:
         destination = parse_destination(_required(frame, "destination"))
