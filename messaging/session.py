@@ -21,7 +21,7 @@ from django.http import QueryDict
 from messaging import access, broker, group_commit, listener, tokens
 from messaging.exceptions import BrokerError, InvalidRequest, SubscriptionNotFound
 from messaging.models import Queue
-from messaging.push import Deliver, LiveSettings, Pusher, hop, live_settings
+from messaging.push import Deliver, LiveSettings, Pusher, hop, live_settings, push_hop
 
 log = logging.getLogger("pegasus.session")
 
@@ -134,7 +134,8 @@ class Session:
     # ------------------------------------------------------------------ operations
 
     async def ack(self, receipts: Sequence[str], transaction_id: str | None = None) -> list[str]:
-        statuses = await hop(broker.ack)(receipts=list(receipts), transaction_id=transaction_id, user=self.user)
+        # On the push threads, beside the claims, not queued behind the process's other hops.
+        statuses = await push_hop(broker.ack)(receipts=list(receipts), transaction_id=transaction_id, user=self.user)
         self.settled(receipts)
         return statuses
 
