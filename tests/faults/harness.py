@@ -149,17 +149,21 @@ class Rest:
         self.statuses: dict[int, int] = {}
         self.missing_retry_after = 0
         self.errors = 0
+        self.slowest = 0.0  # seconds, the longest request (a figure, never asserted)
 
     def close(self) -> None:
         self.http.close()
 
     def post(self, path: str, body: Any) -> httpx.Response | None:
         """The response, or None when the connection failed (the outcome is unknown)."""
+        started = time.monotonic()
         try:
             response = self.http.post(path, json=body)
         except httpx.HTTPError:
             self.errors += 1
             return None
+        finally:
+            self.slowest = max(self.slowest, time.monotonic() - started)
         self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
         if response.status_code == 503 and "Retry-After" not in response.headers:
             self.missing_retry_after += 1

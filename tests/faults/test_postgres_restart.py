@@ -151,6 +151,7 @@ def test_postgres_crash_restarts_and_killed_backends__nothing_lost_no_500(cluste
             missing_retry_after=sum(r.missing_retry_after for r in rests), server_starts=server.starts,
             ws_connections=ws.connections, ws_received_after_faults=ws_after,
             drained_over_rest=drained_over_rest, readyz=ready,
+            slowest_request_s=round(max(r.slowest for r in rests), 1),
         )  # fmt: skip
         figures = ledger.report()
     finally:
