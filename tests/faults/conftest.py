@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.faults.harness import Daphne, test_database_url
-from tests.faults.ledger import REPORTED
+from tests.faults.ledger import NOTES, REPORTED
 
 
 @pytest.fixture
@@ -34,7 +34,9 @@ def admin_token(alice: Any, token_for: Callable[[Any], str]) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if REPORTED:
+    if REPORTED or NOTES:
         terminalreporter.section("fault-injection figures")
         for figures in REPORTED:
             terminalreporter.write_line(figures.line())
+        for line in NOTES:
+            terminalreporter.write_line(line)

@@ -163,6 +163,12 @@ class Ledger:
 
 
 REPORTED: list[Figures] = []
+NOTES: list[str] = []  # figures of scenarios that keep no ledger (the model check)
+
+
+def note(line: str) -> None:
+    print(line, flush=True)
+    NOTES.append(line)
 
 
 def assert_clean(f: Figures, *, allow_unknown_lost: bool = True) -> None:
