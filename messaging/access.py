@@ -12,6 +12,7 @@ matching the rule's pattern, and nothing by default. Actions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
@@ -77,6 +78,18 @@ def require_admin(user: Any) -> None:
         raise NotAuthenticated()
     if not (user.is_active and user.is_superuser):
         raise PermissionDenied("Only admins may do this.")
+
+
+def may_consume(user: Any) -> Callable[[Queue], bool]:
+    """For broker.ack/nack/extend(authorize=...): may `user` consume from this queue or
+    subscription? (Holding a receipt alone is not permission.)"""
+
+    def check(queue: Queue) -> bool:
+        if queue.topic is not None:
+            return can(user, Action.CONSUME, kind=Kind.TOPIC, name=queue.topic.name)
+        return can(user, Action.CONSUME, kind=Kind.QUEUE, name=queue.name)
+
+    return check
 
 
 def access_queue(*, user: Any, name: str, action: Action) -> Queue:

@@ -325,21 +325,30 @@ async def receive_from_subscription(
 @router.post("/ack", response={200: ResultsOut, **ERRORS}, tags=["messages"])
 def ack(request: HttpRequest, payload: AckIn) -> dict[str, Any]:
     """Acknowledge; a status per receipt in request order, "ok" or "stale_receipt" (409 when all are stale)."""
-    statuses = broker.ack(receipts=payload.receipts, transaction_id=payload.transaction, user=_user(request))
+    user = _user(request)
+    statuses = broker.ack(
+        receipts=payload.receipts, transaction_id=payload.transaction, user=user, authorize=access.may_consume(user)
+    )
     return _results(payload.receipts, statuses)
 
 
 @router.post("/nack", response={200: ResultsOut, **ERRORS}, tags=["messages"])
 def nack(request: HttpRequest, payload: NackIn) -> dict[str, Any]:
     """Give messages back, deliverable again after delay_seconds (409 when all receipts are stale)."""
-    statuses = broker.nack(receipts=payload.receipts, delay_seconds=payload.delay_seconds)
+    statuses = broker.nack(
+        receipts=payload.receipts, delay_seconds=payload.delay_seconds, authorize=access.may_consume(_user(request))
+    )
     return _results(payload.receipts, statuses)
 
 
 @router.post("/extend", response={200: ResultsOut, **ERRORS}, tags=["messages"])
 def extend(request: HttpRequest, payload: ExtendIn) -> dict[str, Any]:
     """Extend leases to now + visibility_timeout_seconds (409 when all receipts are stale)."""
-    statuses = broker.extend(receipts=payload.receipts, visibility_timeout_seconds=payload.visibility_timeout_seconds)
+    statuses = broker.extend(
+        receipts=payload.receipts,
+        visibility_timeout_seconds=payload.visibility_timeout_seconds,
+        authorize=access.may_consume(_user(request)),
+    )
     return _results(payload.receipts, statuses)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +27,7 @@ from messaging.broker.common import (
 from messaging.exceptions import (
     BatchTooLarge,
     InvalidRequest,
+    PermissionDenied,
     StaleReceipt,
 )
 from messaging.models import (
@@ -35,6 +36,9 @@ from messaging.models import (
     State,
     TxState,
 )
+
+# Decides whether the caller may consume from a queue (messaging.access.may_consume).
+Authorize = Callable[[Queue], bool]
 
 # --------------------------------------------------------------------------- receive
 
@@ -268,8 +272,13 @@ def _parse_receipt(receipt: str) -> tuple[Store, int, str] | None:
     return store, int(pk), token
 
 
-def _lock_receipts(receipts: Sequence[str]) -> tuple[list[tuple[Store, int, str] | None], dict[tuple[str, int], Any]]:
-    """Parse receipts and lock their rows, durable store first, in id order (lock order)."""
+def _lock_receipts(
+    receipts: Sequence[str], authorize: Authorize | None = None
+) -> tuple[list[tuple[Store, int, str] | None], dict[tuple[str, int], Any]]:
+    """Parse receipts and lock their rows, durable store first, in id order (lock order).
+
+    With `authorize`, every queue that a receipt validly names must pass it, or nothing is
+    changed and PermissionDenied is raised (a receipt alone is not permission to consume)."""
     if len(receipts) > 1000:
         raise BatchTooLarge("At most 1000 receipts per request.")
     parsed = [_parse_receipt(r) for r in receipts]
@@ -279,6 +288,11 @@ def _lock_receipts(receipts: Sequence[str]) -> tuple[list[tuple[Store, int, str]
         if ids:
             for row in store.deliveries().filter(pk__in=ids).select_for_update(of=("self",)).order_by("id"):
                 rows[(store.code, row.pk)] = row
+    if authorize is not None:
+        named = {row.queue_id for p in parsed if p and (row := rows.get((p[0].code, p[1]))) and row.lease_token == p[2]}
+        for queue in Queue.objects.select_related("topic").filter(pk__in=named):
+            if not authorize(queue):
+                raise PermissionDenied(f"Not permitted to consume from {queue.label!r}.")
     return parsed, rows
 
 
@@ -292,7 +306,13 @@ def _holds_lease(row: Any, token: str, now: datetime) -> bool:
     )
 
 
-def ack(*, receipts: Sequence[str], transaction_id: str | None = None, user: Any = None) -> list[str]:
+def ack(
+    *,
+    receipts: Sequence[str],
+    transaction_id: str | None = None,
+    user: Any = None,
+    authorize: Authorize | None = None,
+) -> list[str]:
     """Acknowledge deliveries; one status per receipt, in order: "ok" or "stale_receipt".
 
     Only the current lease's receipt can ack; an ack of an expired or superseded lease changes
@@ -305,7 +325,7 @@ def ack(*, receipts: Sequence[str], transaction_id: str | None = None, user: Any
         if transaction_id is not None:
             _lock_transaction(transaction_id, user=user, states=(TxState.OPEN,))
         now = clock.now()
-        parsed, rows = _lock_receipts(receipts)
+        parsed, rows = _lock_receipts(receipts, authorize)
         statuses: list[str] = []
         to_ack: dict[Store, list[int]] = {}
         for p in parsed:
@@ -332,14 +352,14 @@ def ack(*, receipts: Sequence[str], transaction_id: str | None = None, user: Any
     return statuses
 
 
-def nack(*, receipts: Sequence[str], delay_seconds: float = 0) -> list[str]:
+def nack(*, receipts: Sequence[str], delay_seconds: float = 0, authorize: Authorize | None = None) -> list[str]:
     """Give leased messages back, deliverable again after `delay_seconds` (redelivered), or
     dead-lettered if they used up max_deliveries."""
     if not 0 <= delay_seconds <= MAX_DELAY_SECONDS:
         raise InvalidRequest(f"delay_seconds is between 0 and {MAX_DELAY_SECONDS}.")
     with transaction.atomic():
         now = clock.now()
-        parsed, rows = _lock_receipts(receipts)
+        parsed, rows = _lock_receipts(receipts, authorize)
         statuses, held = _partition_held(parsed, rows, now)
         for (store, queue_id), ids in held.items():
             queue = Queue.objects.select_related("topic").get(pk=queue_id)
@@ -347,14 +367,16 @@ def nack(*, receipts: Sequence[str], delay_seconds: float = 0) -> list[str]:
     return statuses
 
 
-def extend(*, receipts: Sequence[str], visibility_timeout_seconds: int) -> list[str]:
+def extend(
+    *, receipts: Sequence[str], visibility_timeout_seconds: int, authorize: Authorize | None = None
+) -> list[str]:
     """Push the lease deadline of held messages to now + visibility_timeout_seconds."""
     _positive(visibility_timeout_seconds, "visibility_timeout_seconds")
     if visibility_timeout_seconds > 12 * 3600:
         raise InvalidRequest("visibility_timeout_seconds is at most 43200 (12 hours).")
     with transaction.atomic():
         now = clock.now()
-        parsed, rows = _lock_receipts(receipts)
+        parsed, rows = _lock_receipts(receipts, authorize)
         statuses, held = _partition_held(parsed, rows, now)
         for (store, _), ids in held.items():
             store.deliveries().filter(pk__in=ids).update(visible_at=now + timedelta(seconds=visibility_timeout_seconds))
