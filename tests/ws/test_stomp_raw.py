@@ -96,3 +96,13 @@ def test_server_heart_beats(server: Any, admin_token: str) -> None:
         ws.send(frame("CONNECT", accept_version="1.2", login="alice", passcode=admin_token, heart_beat="0,500"))
         assert "heart-beat:" in recv(ws)
         assert ws.recv(timeout=WAIT) == "\n"  # within the server's interval
+
+
+def test_an_error_on_one_connection_leaves_the_others_alone(server: Any, admin_token: str, queue_factory: Any) -> None:
+    queue_factory("calm")
+    with open_stomp(server, admin_token) as good, open_stomp(server, admin_token) as bad:
+        good.send(frame("SUBSCRIBE", id="s", destination="/queue/calm", ack="client-individual"))
+        bad.send("GARBAGE\n\n\x00")
+        expect_error_and_close(bad)
+        good.send(frame("SEND", "still here", destination="/queue/calm"))
+        assert recv(good).endswith("still here\x00")
