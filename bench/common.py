@@ -27,7 +27,7 @@ class Scale:
 
     @classmethod
     def full(cls) -> Scale:
-        return cls(seconds=8.0, drain_messages=30_000, backlog=1_000_000, latency_seconds=10.0, latency_rate=500)
+        return cls(seconds=6.0, drain_messages=30_000, backlog=1_000_000, latency_seconds=10.0, latency_rate=500)
 
     @classmethod
     def smoke(cls) -> Scale:
