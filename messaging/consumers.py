@@ -18,7 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from messaging import access, broker
 from messaging.exceptions import BrokerError
-from messaging.push import CLOSE_BAD_FRAME, CLOSE_TOO_LARGE, Pusher, live_settings
+from messaging.push import CLOSE_BAD_FRAME, CLOSE_TOO_LARGE, CLOSE_UNAUTHORIZED, Pusher, live_settings
 from messaging.session import Destination, Session, authenticate, credentials
 
 log = logging.getLogger("pegasus.ws")
@@ -57,9 +57,17 @@ class JsonConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         if user is None:
             await self.close()  # refuse the upgrade: HTTP 403
             return
-        self.session = Session(protocol="json", user=user)
+        self.session = Session(protocol="json", user=user, on_revoked=self._token_revoked)
+        try:
+            self.session.start()
+        except BrokerError:  # too many connections for this user: refuse the upgrade
+            self.session = None
+            await self.close()
+            return
         await self.accept()
-        self.session.start()
+
+    async def _token_revoked(self) -> None:
+        await self._fail(None, "not_authenticated", "The token was revoked or has expired.", CLOSE_UNAUTHORIZED)
 
     async def disconnect(self, code: int) -> None:
         self.closing = True

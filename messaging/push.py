@@ -50,6 +50,7 @@ Deliver = Callable[["Pusher", Sequence[broker.ReceivedMessage]], Awaitable[None]
 # WebSocket close codes (autobahn lets a server send only 1000 and 3000-4999): 4000 + an HTTP status.
 CLOSE_NORMAL = 1000
 CLOSE_BAD_FRAME = 4400  # malformed or out-of-order frame, or a STOMP ERROR
+CLOSE_UNAUTHORIZED = 4401  # the token was revoked or expired while connected
 CLOSE_TIMEOUT = 4408  # no CONNECT, or no heart-beat, in time
 CLOSE_TOO_LARGE = 4413  # a frame over the size limit
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from django.http import QueryDict
 
-from messaging import access, broker, group_commit, listener, tokens
+from messaging import access, broker, group_commit, limits, listener, tokens
 from messaging.exceptions import BrokerError, InvalidRequest, SubscriptionNotFound
 from messaging.models import Queue
 from messaging.push import Deliver, LiveSettings, Pusher, hop, live_settings, push_hop
@@ -63,10 +64,12 @@ authenticate = hop(tokens.authenticate)
 
 
 class Session:
-    def __init__(self, *, protocol: str, user: Any) -> None:
+    def __init__(self, *, protocol: str, user: Any, on_revoked: Callable[[], Awaitable[None]] | None = None) -> None:
         self.connection_id = f"ws-{secrets.token_hex(8)}"
         self.protocol = protocol
         self.user = user
+        self.on_revoked = on_revoked  # called when the connection's token is revoked or expires
+        self._counted = False
         self.settings: LiveSettings = live_settings()
         self.pushers: dict[str, Pusher] = {}
         self.transactions: set[str] = set()  # open ones this connection began
@@ -76,8 +79,12 @@ class Session:
         self._closed = False
 
     def start(self) -> None:
+        """Raises OverQuota when the user has too many connections open in this process."""
+        limits.connections.acquire(self.user.pk)
+        self._counted = True
         listener.ensure_started()
         self._ticker = asyncio.create_task(self._tick_forever(), name=f"tick {self.connection_id}")
+        token_watch.add(self)
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -135,18 +142,24 @@ class Session:
 
     async def ack(self, receipts: Sequence[str], transaction_id: str | None = None) -> list[str]:
         # On the push threads, beside the claims, not queued behind the process's other hops.
-        statuses = await push_hop(broker.ack)(receipts=list(receipts), transaction_id=transaction_id, user=self.user)
+        statuses = await push_hop(broker.ack)(
+            receipts=list(receipts), transaction_id=transaction_id, user=self.user,
+            authorize=access.may_consume(self.user),
+        )  # fmt: skip
         self.settled(receipts)
         return statuses
 
     async def nack(self, receipts: Sequence[str], delay_seconds: float = 0) -> list[str]:
-        statuses = await hop(broker.nack)(receipts=list(receipts), delay_seconds=delay_seconds)
+        statuses = await hop(broker.nack)(
+            receipts=list(receipts), delay_seconds=delay_seconds, authorize=access.may_consume(self.user)
+        )
         self.settled(receipts)
         return statuses
 
     async def publish(
         self, destination: Destination, messages: Sequence[broker.OutgoingMessage], transaction_id: str | None = None
     ) -> list[broker.PublishResult]:
+        self._charge(messages)
         return await hop(_publish)(
             user=self.user, destination=destination, messages=messages, transaction_id=transaction_id
         )
@@ -156,9 +169,14 @@ class Session:
     ) -> list[broker.PublishResult]:
         """publish (no transaction) committed together with concurrent publishes: the access
         check and the publish run in the next group commit round (messaging/group_commit.py)."""
+        self._charge(messages)
         return await group_commit.publish(
             user=self.user, kind=destination.kind, name=destination.name, messages=messages
         )
+
+    def _charge(self, messages: Sequence[broker.OutgoingMessage]) -> None:
+        """The per-token publish rate (raises OverQuota, sent as an error frame)."""
+        limits.check_publish_rate(user=self.user, token_key=tokens.token_key(self.user), messages=len(messages))
 
     async def begin(self) -> str:
         txn = await hop(broker.begin)(user=self.user)
@@ -179,6 +197,10 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        token_watch.discard(self)
+        if self._counted:
+            limits.connections.release(self.user.pk)
+            self._counted = False
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
@@ -210,6 +232,54 @@ class Session:
         # Extend leases well before they run out, even on queues with a short visibility timeout.
         timeouts = [p.queue.visibility_timeout_seconds / 3 for p in self.pushers.values()]
         return max(0.5, min([self.settings.tick_seconds, *timeouts]))
+
+
+# ---------------------------------------------------------------------- revoked tokens
+
+
+class TokenWatch:
+    """Closes live connections whose token was revoked or expired, within WATCH_SECONDS.
+
+    One watcher per event loop checks the tokens of all its sessions with one query, instead
+    of a query per connection."""
+
+    WATCH_SECONDS = 2.0
+
+    def __init__(self) -> None:
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[Session]] = weakref.WeakKeyDictionary()
+        self._tasks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def add(self, session: Session) -> None:
+        if getattr(session.user, "api_token_id", None) is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._sessions.setdefault(loop, set()).add(session)
+        task = self._tasks.get(loop)
+        if task is None or task.done():
+            self._tasks[loop] = loop.create_task(self._watch(loop), name="pegasus token watch")
+
+    def discard(self, session: Session) -> None:
+        for sessions in self._sessions.values():
+            sessions.discard(session)
+
+    async def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._sessions.get(loop):
+            await asyncio.sleep(self.WATCH_SECONDS)
+            sessions = list(self._sessions.get(loop, ()))
+            try:
+                active = await hop(tokens.active_ids)({s.user.api_token_id for s in sessions})
+            except Exception:  # the database is away: check again next round
+                log.warning("token watch failed", exc_info=True)
+                continue
+            for session in sessions:
+                if session.user.api_token_id not in active and session.on_revoked is not None:
+                    self.discard(session)
+                    await session.on_revoked()
+
+
+token_watch = TokenWatch()
 
 
 # ---------------------------------------------------------------------- one hop each

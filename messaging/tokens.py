@@ -73,6 +73,16 @@ def is_active(token_id: int) -> bool:
     )
 
 
+def active_ids(token_ids: set[int]) -> set[int]:
+    """Which of these tokens are still good (live connections re-check theirs with this)."""
+    now = clock.now()
+    return set(
+        ApiToken.objects.filter(pk__in=token_ids, revoked_at__isnull=True, user__is_active=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .values_list("pk", flat=True)
+    )
+
+
 def authenticate_token(raw: str | None) -> ApiToken | None:
     """The valid token row (with its user) for a raw token, or None."""
     if not raw or len(raw) > 200:

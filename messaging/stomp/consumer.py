@@ -17,7 +17,15 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from messaging import broker
 from messaging.exceptions import BrokerError, InvalidRequest, NotAuthenticated
-from messaging.push import CLOSE_BAD_FRAME, CLOSE_NORMAL, CLOSE_TIMEOUT, CLOSE_TOO_LARGE, Pusher, live_settings
+from messaging.push import (
+    CLOSE_BAD_FRAME,
+    CLOSE_NORMAL,
+    CLOSE_TIMEOUT,
+    CLOSE_TOO_LARGE,
+    CLOSE_UNAUTHORIZED,
+    Pusher,
+    live_settings,
+)
 from messaging.session import Destination, Session, authenticate, credentials, parse_destination
 from messaging.stomp.frames import Frame, FrameError, FrameTooLarge, Parser, render
 
@@ -147,8 +155,9 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.parser.escapes = self.version != "1.0"
         self.client_id = frame.get("client-id", "") or ""
         out_ms, in_ms = self._heartbeats(frame.get("heart-beat", "0,0") or "0,0")
-        self.session = Session(protocol=f"stomp{self.version}", user=self.user)
-        self.session.start()
+        session = Session(protocol=f"stomp{self.version}", user=self.user, on_revoked=self._token_revoked)
+        session.start()  # OverQuota (too many connections) becomes an ERROR frame
+        self.session = session
         beat = self.settings.stomp_heartbeat_ms
         await self._send_frame(
             "CONNECTED",
@@ -375,6 +384,10 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             log.info("STOMP error on %s: %s %s", self.scope.get("client"), error.message, error.detail)
             await self._send_frame("ERROR", headers, error.detail.encode("utf-8"))
         await self._close_now(code)
+
+    async def _token_revoked(self) -> None:
+        error = StompError("not_authenticated", "The token was revoked or has expired.")
+        await self._fail(error, code=CLOSE_UNAUTHORIZED)
 
     async def _close_now(self, code: int = CLOSE_NORMAL) -> None:
         if not self.closing:
