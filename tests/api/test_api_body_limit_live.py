@@ -19,7 +19,7 @@ def server(django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: Any) 
     with django_db_blocker.unblock():
         started = start_server(tmp_path_factory.mktemp("limit") / "daphne.log", PEGASUS_MAX_REQUEST_BYTES=str(LIMIT))
     yield started
-    started.stop()
+    started.close()
 
 
 def _exchange(port: int, head: bytes, chunks: list[bytes] = ()) -> bytes:  # type: ignore[assignment]

@@ -23,7 +23,7 @@ def server(django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: Any) 
     with django_db_blocker.unblock():
         started = start_server(tmp_path_factory.mktemp("longpoll") / "daphne.log")
     yield started
-    started.stop()
+    started.close()
 
 
 def _threads(pid: int) -> int:

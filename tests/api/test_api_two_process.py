@@ -35,7 +35,7 @@ def servers(django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: Any)
         yield started[0], started[1]
     finally:
         for server in started:
-            server.stop()
+            server.close()
 
 
 async def _round(a: httpx.AsyncClient, b: httpx.AsyncClient, body: str) -> tuple[float, float]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.faults.harness import Daphne, test_database_url
 from tests.faults.ledger import NOTES, REPORTED
+from tests.servers import Daphne, test_database_url
 
 
 @pytest.fixture

@@ -26,8 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.harness import ROOT, Daphne, Rest, WsConsumer, scale
+from tests.faults.harness import Rest, WsConsumer, scale
 from tests.faults.ledger import Ledger, assert_clean
+from tests.servers import ROOT, Daphne
 
 pytestmark = pytest.mark.postgres
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

@@ -7,22 +7,15 @@ what they create is committed and visible to the server.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 
-ROOT = Path(__file__).resolve().parents[2]
-DAPHNE = str(Path(sys.executable).with_name("daphne"))
+from tests.servers import Daphne, test_database_url
+
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # daphne's WebSocket message limit; the app's frame limit is lower
 DAPHNE_LIMITS = [
     "--websocket-max-message-size",
@@ -32,66 +25,16 @@ DAPHNE_LIMITS = [
 ]
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+Server = Daphne
 
 
 def database_url() -> str:
-    sd = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{sd['NAME']}"
-    host, port = sd.get("HOST") or "127.0.0.1", sd.get("PORT") or 5432
-    password = f":{sd['PASSWORD']}" if sd.get("PASSWORD") else ""
-    return f"postgres://{sd.get('USER') or 'postgres'}{password}@{host}:{port}/{sd['NAME']}"
+    return test_database_url()
 
 
 def start_server(log: Path, **settings: str) -> Server:
-    """daphne on a listening socket we bound to port 0 and hand over (`--fd`): no port races."""
-    env = {**os.environ, "DATABASE_URL": database_url(), "PYTHONPATH": str(ROOT), **settings}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        port = sock.getsockname()[1]
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [DAPHNE, "--fd", str(sock.fileno()), *DAPHNE_LIMITS,
-                 "pegasus_site.asgi:application"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=[sock.fileno()],
-            )  # fmt: skip
-    server = Server(process, port, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        if _answers(port):
-            return server
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def _answers(port: int) -> bool:
-    """True once the application is loaded and answers HTTP (the socket accepts before that)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            conn.sendall(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            return conn.recv(12).startswith(b"HTTP/1.")
-    except OSError:
-        return False
+    """A started daphne on the test database, with the WebSocket size limits `make run` uses."""
+    return Daphne(log, args=DAPHNE_LIMITS, **settings).start()
 
 
 WAIT = 20  # seconds to wait for something expected (an upper bound, never a timing assertion)
@@ -131,7 +74,7 @@ def daphne_factory(
 
     yield start
     for server in servers:
-        server.stop()
+        server.close()
 
 
 @pytest.fixture(scope="session")
