@@ -20,7 +20,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 ORDERS, BILLING = "orders.eu", "billing"
 PERSONAS = ("admin", "orders_user", "nobody", "anonymous")
-OPS = ("publish queue", "publish topic", "subscribe queue", "subscribe topic", "ack stolen receipt")
+OPS = (
+    "publish queue", "publish topic", "subscribe queue", "subscribe topic", "ack stolen receipt",
+    "nack stolen receipt",
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -57,6 +60,7 @@ def _json_frame(op: str, dest: str) -> dict[str, Any]:
             "prefetch": 1, "ack": "client",
         },
         "ack stolen receipt": {"op": "ack", "corr": "c", "receipts": [_stolen_receipt(dest)]},
+        "nack stolen receipt": {"op": "nack", "corr": "c", "receipts": [_stolen_receipt(dest)]},
     }[op]  # fmt: skip
 
 
@@ -82,7 +86,7 @@ def test_json_permission_matrix(server, world, op, persona, dest):
         reply = _json_reply(ws)
     if allowed(persona, dest):
         assert reply["op"] != "error", (op, persona, dest, reply)
-        if op == "ack stolen receipt":
+        if "stolen receipt" in op:
             assert [r["status"] for r in reply["results"]] == ["ok"]
     else:
         assert reply["op"] == "error" and reply["code"] == "permission_denied", (op, persona, dest, reply)
@@ -103,7 +107,8 @@ def _stomp_frames(op: str, dest: str) -> list[str]:
         extra = {"durable-subscription-name": "mine"} if kind == "topic" else {}
         return [_stomp("SUBSCRIBE", {"id": "s", "destination": f"/{kind}/{dest}", "ack": "client", "receipt": "r",
                                      "prefetch-count": "1", **extra})]  # fmt: skip
-    return [_stomp("ACK", {"id": _stolen_receipt(dest), "receipt": "r"})]
+    command = "ACK" if op.startswith("ack") else "NACK"
+    return [_stomp(command, {"id": _stolen_receipt(dest), "receipt": "r"})]
 
 
 def _stomp_answer(ws: ClientConnection) -> str:
@@ -209,3 +214,15 @@ def test_a_publish_flood_from_one_token_is_refused_while_another_is_served(stric
         other.send(frame)
         assert _json_reply(other)["op"] == "published"
     settle()
+
+
+def test_json_someone_elses_transaction_does_not_exist(server, world, alice):
+    """A transaction id is not a capability either: only its owner (or an admin) may finish it."""
+    txn = broker.begin(user=alice).id
+    for persona in ("orders_user", "nobody"):
+        with connect(f"{server.ws}/ws/v1/?token={world[persona]}") as ws:
+            for op in ("prepare", "commit", "rollback"):
+                ws.send(json.dumps({"op": op, "corr": "c", "transaction": txn}))
+                reply = _json_reply(ws)
+                assert reply["op"] == "error" and reply["code"] == "transaction_not_found", (persona, op, reply)
+    assert broker.get_transaction(transaction_id=txn).state == "open"
