@@ -41,6 +41,7 @@ async def _poll_many(server: Server, token: str) -> tuple[int, list[Any]]:
         ]
         await asyncio.sleep(2)  # all of them waiting (not a timing assertion)
         assert not any(p.done() for p in polls)
+        assert server.process is not None
         threads = _threads(server.process.pid)
         published = await client.post(
             "/queues/many/messages", json={"messages": [{"body": str(i)} for i in range(POLLS)]}

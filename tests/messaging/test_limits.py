@@ -8,7 +8,7 @@ from messaging.exceptions import OverQuota
 
 def test_rate_limiter__refuses_past_the_burst_then_refills(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(limits.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("messaging.limits.time.monotonic", lambda: clock[0])
     limiter = limits.RateLimiter()
     limiter.take("a", 10, rate=10, burst=10)
     with pytest.raises(OverQuota) as refused:

@@ -51,7 +51,7 @@ def _stolen_receipt(dest: str) -> str:
 
 
 def _json_frame(op: str, dest: str) -> dict[str, Any]:
-    return {
+    frames: dict[str, dict[str, Any]] = {
         "publish queue": {"op": "publish", "corr": "c", "queue": dest, "messages": [{"body": "x"}]},
         "publish topic": {"op": "publish", "corr": "c", "topic": dest, "messages": [{"body": "x"}]},
         "subscribe queue": {"op": "subscribe", "corr": "c", "id": "s", "queue": dest, "prefetch": 1, "ack": "client"},
@@ -61,7 +61,8 @@ def _json_frame(op: str, dest: str) -> dict[str, Any]:
         },
         "ack stolen receipt": {"op": "ack", "corr": "c", "receipts": [_stolen_receipt(dest)]},
         "nack stolen receipt": {"op": "nack", "corr": "c", "receipts": [_stolen_receipt(dest)]},
-    }[op]  # fmt: skip
+    }  # fmt: skip
+    return frames[op]
 
 
 def _json_reply(ws: ClientConnection) -> dict[str, Any]:
