@@ -9,20 +9,16 @@ RETENTION are pruned on the way.
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 
 from console.models import RateSample
-from messaging import clock, metrics
-
-log = logging.getLogger("pegasus.console")
+from messaging import background, clock, metrics
 
 BUCKET_SECONDS = 10
 WINDOW_BUCKETS = 60  # the charts show the last 10 minutes
@@ -31,8 +27,6 @@ FLUSH_SECONDS = 5
 RETENTION = timedelta(hours=2)
 BROKER_SCOPE = "broker"
 
-_started = False
-_start_lock = threading.Lock()
 _flush_lock = threading.Lock()
 
 
@@ -127,22 +121,7 @@ def empty_series() -> Series:
     return _empty()
 
 
-def _loop() -> None:
-    while True:
-        time.sleep(FLUSH_SECONDS)
-        try:
-            close_old_connections()
-            flush()
-        except Exception:  # keep flushing through database outages; the counts are kept
-            log.warning("rate flush failed", exc_info=True)
-            connection.close()
-
-
 def start_in_background() -> None:
-    """Flush this process's counters every FLUSH_SECONDS (called once per server process)."""
-    global _started
-    with _start_lock:
-        if _started:
-            return
-        _started = True
-    threading.Thread(target=_loop, name="pegasus-console-rates", daemon=True).start()
+    """Flush this process's counters every FLUSH_SECONDS (called once per server process); a
+    failed flush keeps its counts for the next one."""
+    background.start_loop(name="pegasus-console-rates", interval=FLUSH_SECONDS, step=flush)
