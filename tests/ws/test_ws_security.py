@@ -13,8 +13,8 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from messaging import broker, tokens
-from messaging.models import ApiToken
-from tests.ws.conftest import WAIT, settle
+from messaging.models import ApiToken, Transaction
+from tests.ws.conftest import WAIT, eventually, settle
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -180,6 +180,9 @@ def test_revoking_a_token_closes_its_live_connections(server, alice, token_for):
         assert time.monotonic() - started < 10  # "within seconds" (the watcher checks every 2 s)
         kept.send(json.dumps({"op": "begin", "corr": "b"}))
         assert json.loads(kept.recv(timeout=WAIT))["op"] != "error"
+    # The server rolls back the open transaction of `kept` when it closes: wait for that, so
+    # the test database is not flushed while the server still writes to it.
+    eventually(lambda: not Transaction.objects.filter(state="open").exists())
     settle()
 
 
