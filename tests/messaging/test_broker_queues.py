@@ -152,3 +152,21 @@ def test_paused_queue__delivers_nothing_until_resumed(queue_factory, publish):
     broker.set_paused(queue=q, paused=False)
     q.refresh_from_db()
     assert [m.body for m in broker.receive(queue=q)] == ["a"]
+
+
+@pytest.mark.postgres
+def test_transient_tables_are_unlogged_and_durable_ones_logged():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT relname, relpersistence FROM pg_class WHERE relkind = 'r' AND relname IN "
+            "('messaging_message', 'messaging_delivery', 'messaging_transientmessage', 'messaging_transientdelivery')"
+        )
+        persistence = dict(cursor.fetchall())
+    assert persistence == {
+        "messaging_message": "p",
+        "messaging_delivery": "p",
+        "messaging_transientmessage": "u",
+        "messaging_transientdelivery": "u",
+    }
