@@ -53,6 +53,11 @@ class StompError(Exception):
         self.message = message
         self.detail = detail
 
+    @classmethod
+    def of(cls, exc: StompError | BrokerError) -> StompError:
+        """The ERROR frame for a protocol error or a broker error (its code as the message)."""
+        return exc if isinstance(exc, StompError) else cls(exc.code, exc.message)
+
 
 class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -119,11 +124,8 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             return
         try:
             await self._dispatch(frame)
-        except StompError as exc:
-            await self._fail(exc, receipt=receipt)
-            return
-        except BrokerError as exc:
-            await self._fail(StompError(exc.code, exc.message), receipt=receipt)
+        except (StompError, BrokerError) as exc:
+            await self._fail(StompError.of(exc), receipt=receipt)
             return
         if receipt is not None and frame.command not in ("CONNECT", "STOMP") and not self.closing:
             await self._send_frame("RECEIPT", {"receipt-id": receipt})
@@ -177,11 +179,8 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         try:
             destination = parse_destination(_required(frame, "destination"))
             await self._session.publish_grouped(destination, [_outgoing(frame)])
-        except StompError as exc:
-            await self._fail(exc, receipt=receipt)
-            return
-        except BrokerError as exc:
-            await self._fail(StompError(exc.code, exc.message), receipt=receipt)
+        except (StompError, BrokerError) as exc:
+            await self._fail(StompError.of(exc), receipt=receipt)
             return
         except Exception:  # the database is away, say: this connection fails, nothing else
             log.exception("STOMP publish failed")

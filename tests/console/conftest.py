@@ -33,3 +33,13 @@ def console_server(
         server = Daphne(tmp_path_factory.mktemp("console-daphne") / "daphne.log", PEGASUS_DEBUG="1").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def empty_counters() -> Iterator[None]:
+    """The in-process publish/deliver/ack counters start and end empty."""
+    from messaging import metrics
+
+    metrics.drain()
+    yield
+    metrics.drain()

@@ -7,14 +7,7 @@ from django.db import transaction
 
 from messaging import broker, metrics
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _empty_counters():
-    metrics.drain()
-    yield
-    metrics.drain()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_counters")]
 
 
 def test_counts__publish_deliver_ack_per_queue_and_broker(queue_factory, publish, django_capture_on_commit_callbacks):

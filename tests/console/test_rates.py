@@ -10,14 +10,7 @@ from console import charts, rates
 from console.models import RateSample
 from messaging import broker, clock, metrics
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _empty_counters():
-    metrics.drain()
-    yield
-    metrics.drain()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_counters")]
 
 
 def test_flush__adds_counts_per_scope_and_bucket(queue_factory, publish, django_capture_on_commit_callbacks):
