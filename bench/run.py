@@ -153,13 +153,16 @@ def finish(args: argparse.Namespace, scale: Scale, results: list[Result], elapse
         "scale": scale.__dict__, "cpus": os.cpu_count(), "load_avg": load, "python": platform.python_version(),
         "command": "make bench-smoke" if args.smoke else "make bench",
     }  # fmt: skip
-    # The smoke run's files are scratch (*.tmp, ignored by git); a full run replaces latest.*.
-    json_path = RESULTS / ("smoke.json.tmp" if args.smoke else "latest.json")
-    png_path = RESULTS / ("smoke.png.tmp" if args.smoke else "latest.png")
+    # Smoke and partial (--only) runs write scratch files (*.tmp, ignored by git); only a full
+    # run of every stage replaces latest.*.
+    scratch = args.smoke or bool(args.only)
+    stem = "smoke" if args.smoke else "partial"
+    json_path = RESULTS / (f"{stem}.json.tmp" if scratch else "latest.json")
+    png_path = RESULTS / (f"{stem}.png.tmp" if scratch else "latest.png")
     report.write_json(json_path, meta, results, evaluated)
     report.chart(png_path, results, f"Pegasus bench ({mode}, {meta['finished_at']}, load {load[0]:.1f})")
     text = f"{report.table(results)}\n\n{report.targets_table(evaluated)}\n"
-    if not args.smoke:
+    if not scratch:
         (RESULTS / "latest.md").write_text(text)
     print(text)
     print(f"{mode} run took {elapsed:.0f} s; results in {json_path.relative_to(RESULTS.parent.parent)}, chart in "
