@@ -168,14 +168,28 @@ def _browse(queue: Queue, *, state: str | None, after: str | None, limit: int) -
 @router.post("/queues/{name}/messages", response={201: PublishOut, **ERRORS}, tags=["messages"])
 async def publish_to_queue(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
     """Publish one message or a batch, all or nothing; 201 once durable messages are committed."""
-    return Status(201, {"messages": await _publish(request, Kind.QUEUE, name, payload)})
+    return Status(201, await publish_as(_user(request), Kind.QUEUE, name, payload))
 
 
 @router.post("/queues/{name}/receive", response={200: ReceiveOut, **ERRORS}, tags=["messages"])
 async def receive_from_queue(request: HttpRequest, name: Name, payload: ReceiveIn | None = None) -> dict[str, Any]:
     """Lease up to max_messages; with wait_seconds, wait up to that long for the first one (long poll)."""
-    queue = await longpoll.hop(access.access_queue)(user=_user(request), name=name, action=Action.CONSUME)
-    return await _receive(queue, payload or ReceiveIn.model_validate({}))
+    return await receive_queue_as(_user(request), name, payload or ReceiveIn.model_validate({}))
+
+
+# The hot operations as functions of (user, arguments): the views above and below, and the
+# express lane (pegasus_site/express.py), which serves them without Django's request handling,
+# call these, so both answer alike.
+
+
+async def receive_queue_as(user: Any, name: str, payload: ReceiveIn) -> dict[str, Any]:
+    queue = await longpoll.hop(access.access_queue)(user=user, name=name, action=Action.CONSUME)
+    return await _receive(queue, payload)
+
+
+async def receive_subscription_as(user: Any, topic: str, name: str, payload: ReceiveIn) -> dict[str, Any]:
+    sub = await longpoll.hop(access.access_subscription)(user=user, topic=topic, name=name, action=Action.CONSUME)
+    return await _receive(sub, payload)
 
 
 async def _receive(queue: Queue, payload: ReceiveIn) -> dict[str, Any]:
@@ -186,6 +200,25 @@ async def _receive(queue: Queue, payload: ReceiveIn) -> dict[str, Any]:
         visibility_timeout_seconds=payload.visibility_timeout_seconds,
     )
     return {"messages": messages}
+
+
+async def publish_as(user: Any, kind: Kind, name: str, payload: PublishIn) -> dict[str, Any]:
+    """Async, so that concurrent publishes share one hop and one commit (messaging/group_commit.py);
+    a publish inside a transaction is staged on its own."""
+    messages = payload.outgoing_messages()
+    limits.check_publish_rate(user=user, token_key=tokens.token_key(user), messages=len(messages))
+    if payload.transaction is None:
+        results = await group_commit.publish(user=user, kind=kind, name=name, messages=messages)
+    else:
+        results = await longpoll.hop(_publish_in_transaction)(user, kind, name, messages, payload.transaction)
+    return {"messages": results}
+
+
+def ack_as(user: Any, payload: AckIn) -> dict[str, Any]:
+    statuses = broker.ack(
+        receipts=payload.receipts, transaction_id=payload.transaction, user=user, authorize=access.may_consume(user)
+    )
+    return _results(payload.receipts, statuses)
 
 
 # --------------------------------------------------------------------------- topics
@@ -221,17 +254,7 @@ def delete_topic(request: HttpRequest, name: Name) -> Status[None]:
 @router.post("/topics/{name}/messages", response={201: PublishOut, **ERRORS}, tags=["messages"])
 async def publish_to_topic(request: HttpRequest, name: Name, payload: PublishIn) -> Status[dict[str, Any]]:
     """Publish to every subscription (whose filter matches) that exists now; 201 once committed."""
-    return Status(201, {"messages": await _publish(request, Kind.TOPIC, name, payload)})
-
-
-async def _publish(request: HttpRequest, kind: Kind, name: str, payload: PublishIn) -> list[broker.PublishResult]:
-    """Async, so that concurrent publishes share one hop and one commit (messaging/group_commit.py);
-    a publish inside a transaction is staged on its own."""
-    user, messages = _user(request), payload.outgoing_messages()
-    limits.check_publish_rate(user=user, token_key=tokens.token_key(user), messages=len(messages))
-    if payload.transaction is None:
-        return await group_commit.publish(user=user, kind=kind, name=name, messages=messages)
-    return await longpoll.hop(_publish_in_transaction)(user, kind, name, messages, payload.transaction)
+    return Status(201, await publish_as(_user(request), Kind.TOPIC, name, payload))
 
 
 def _publish_in_transaction(
@@ -313,10 +336,7 @@ async def receive_from_subscription(
     request: HttpRequest, topic: TopicName, name: Name, payload: ReceiveIn | None = None
 ) -> dict[str, Any]:
     """Lease up to max_messages from a subscription (long poll with wait_seconds); keeps a non-durable one alive."""
-    sub = await longpoll.hop(access.access_subscription)(
-        user=_user(request), topic=topic, name=name, action=Action.CONSUME
-    )
-    return await _receive(sub, payload or ReceiveIn.model_validate({}))
+    return await receive_subscription_as(_user(request), topic, name, payload or ReceiveIn.model_validate({}))
 
 
 # --------------------------------------------------------------------------- ack, nack, extend
@@ -325,11 +345,7 @@ async def receive_from_subscription(
 @router.post("/ack", response={200: ResultsOut, **ERRORS}, tags=["messages"])
 def ack(request: HttpRequest, payload: AckIn) -> dict[str, Any]:
     """Acknowledge; a status per receipt in request order, "ok" or "stale_receipt" (409 when all are stale)."""
-    user = _user(request)
-    statuses = broker.ack(
-        receipts=payload.receipts, transaction_id=payload.transaction, user=user, authorize=access.may_consume(user)
-    )
-    return _results(payload.receipts, statuses)
+    return ack_as(_user(request), payload)
 
 
 @router.post("/nack", response={200: ResultsOut, **ERRORS}, tags=["messages"])

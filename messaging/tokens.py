@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
+import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +46,55 @@ def authenticate(raw: str | None) -> Any | None:
     return token.user
 
 
+# Authenticated tokens are remembered for this long per process, so a busy client costs no
+# query per request. A revocation made in this process takes effect at once (revoke() forgets
+# every entry); one made by another process, or a user deactivated meanwhile, within this many
+# seconds, as for live connections (session.TokenWatch). Expiry is checked on every use.
+CACHE_SECONDS = float(os.environ.get("PEGASUS_TOKEN_CACHE_SECONDS", "1"))
+_cache: dict[str, tuple[float, Any, datetime | None]] = {}  # raw token -> (fetched, user, expires_at)
+_cache_lock = threading.Lock()
+
+
+def cached_user(raw: str | None) -> Any | None:
+    """The user of a token authenticated less than CACHE_SECONDS ago (and not expired since),
+    or None: then call authenticate_and_remember (it queries the database)."""
+    if not raw or CACHE_SECONDS <= 0:
+        return None
+    entry = _cache.get(raw)
+    if entry is None:
+        return None
+    fetched, user, expires_at = entry
+    if time.monotonic() - fetched > CACHE_SECONDS or (expires_at is not None and expires_at <= clock.now()):
+        return None
+    return user
+
+
+def authenticate_and_remember(raw: str | None) -> Any | None:
+    """authenticate(), remembering a success for CACHE_SECONDS (failures are not remembered,
+    so a token created a moment ago works at once)."""
+    token = authenticate_token(raw)
+    if token is None:
+        return None
+    user = token.user
+    user.api_token_id = token.pk  # type: ignore[attr-defined]  # for per-token limits (token_key)
+    if CACHE_SECONDS > 0 and raw:
+        with _cache_lock:
+            if len(_cache) > 10_000:  # many distinct tokens: start again rather than grow
+                _cache.clear()
+            _cache[raw] = (time.monotonic(), user, token.expires_at)
+    return user
+
+
+def forget_cached() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def forget_on_change(**kwargs: Any) -> None:
+    """Signal receiver (messaging/apps.py): a token or user was saved or deleted."""
+    forget_cached()
+
+
 def token_key(user: Any) -> str:
     """The key per-token limits are kept under: the token the user authenticated with."""
     return f"token:{getattr(user, 'api_token_id', None) or f'user-{user.pk}'}"
@@ -60,6 +112,7 @@ def ensure_user(username: str, *, admin: bool = False) -> Any:
 
 def revoke(*, token_ids: list[int]) -> int:
     """Revoke tokens: refused from now on; live connections using them close within seconds."""
+    forget_cached()
     return ApiToken.objects.filter(pk__in=token_ids, revoked_at__isnull=True).update(revoked_at=clock.now())
 
 

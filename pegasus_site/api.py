@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
@@ -48,12 +47,16 @@ class BearerAuth(HttpBearer):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return tokens.authenticate(token)
-        return _authenticate_async(token)
+            return tokens.cached_user(token) or tokens.authenticate_and_remember(token)
+        return authenticate_async(token)
 
 
-def _authenticate_async(token: str) -> Awaitable[Any]:
-    return longpoll.hop(tokens.authenticate)(token)
+async def authenticate_async(token: str | None) -> Any:
+    """The token's user, from the per-process cache (messaging/tokens.py) or with one hop."""
+    user = tokens.cached_user(token)
+    if user is not None:
+        return user
+    return await longpoll.hop(tokens.authenticate_and_remember)(token)
 
 
 # Errors any operation can answer, whatever its router declares: bad input, credentials,
@@ -99,14 +102,41 @@ def error_response(
     return response
 
 
+def describe_exception(exc: Exception, where: str = "") -> tuple[int, str, str, dict[str, str]]:
+    """How an operation's exception is answered: (status, code, message, headers). The ninja
+    handlers below and the express lane (pegasus_site/express.py) both answer with this."""
+    if isinstance(exc, BrokerError):
+        headers = {}
+        if exc.retry_after is not None:  # 429 over quota, 503 unavailable: whole seconds, at least 1
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        if isinstance(exc, NotAuthenticated):
+            headers = {"WWW-Authenticate": "Bearer"}
+        return exc.status, exc.code, exc.message, headers
+    if isinstance(exc, OperationalError | InterfaceError):
+        log.warning("database unavailable: %s", exc)
+        return 503, Unavailable.code, Unavailable().message, {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if isinstance(exc, DataError):
+        # Input the schemas let through but the database cannot store (a NUL in a path, a number
+        # out of range): the client's fault, and nothing was written (the transaction rolled back).
+        log.warning("data error on %s: %s", where, exc)
+        return 400, "invalid_request", "A value in the request cannot be stored.", {}
+    if isinstance(exc, IntegrityError):
+        # Only a race can get here (say, a queue deleted while a publish to it ran); retrying helps.
+        log.warning("integrity error: %s", exc)
+        return 409, "conflict", "The destination changed concurrently; retry.", {}
+    log.error("unhandled error in %s", where, exc_info=exc)
+    return 500, "internal_error", "Internal server error; it has been logged.", {}
+
+
 @api.exception_handler(BrokerError)
-def broker_error(request: HttpRequest, exc: BrokerError) -> HttpResponse:
-    headers = None
-    if exc.retry_after is not None:  # 429 over quota, 503 unavailable: whole seconds, at least 1
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    if isinstance(exc, NotAuthenticated):
-        headers = {"WWW-Authenticate": "Bearer"}
-    return error_response(request, exc.status, exc.code, exc.message, headers)
+@api.exception_handler(OperationalError)
+@api.exception_handler(InterfaceError)
+@api.exception_handler(DataError)
+@api.exception_handler(IntegrityError)
+@api.exception_handler(Exception)
+def operation_error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    status, code, message, headers = describe_exception(exc, f"{request.method} {request.path}")
+    return error_response(request, status, code, message, headers)
 
 
 @api.exception_handler(ValidationError)
@@ -117,8 +147,10 @@ def validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse
 
 @api.exception_handler(AuthenticationError)
 def authentication_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
-    message = "Send Authorization: Bearer <token> with a valid token (manage.py create_token)."
-    return error_response(request, 401, NotAuthenticated.code, message, {"WWW-Authenticate": "Bearer"})
+    return error_response(request, 401, NotAuthenticated.code, AUTHENTICATE_MESSAGE, {"WWW-Authenticate": "Bearer"})
+
+
+AUTHENTICATE_MESSAGE = "Send Authorization: Bearer <token> with a valid token (manage.py create_token)."
 
 
 @api.exception_handler(HttpError)
@@ -136,35 +168,6 @@ def not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
 @api.exception_handler(RequestDataTooBig)
 def request_too_large(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
     return error_response(request, 413, "request_too_large", "The request body is larger than the server accepts.")
-
-
-@api.exception_handler(OperationalError)
-@api.exception_handler(InterfaceError)
-def database_unavailable(request: HttpRequest, exc: Exception) -> HttpResponse:
-    log.warning("database unavailable: %s", exc)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-    return error_response(request, 503, Unavailable.code, Unavailable().message, headers)
-
-
-@api.exception_handler(DataError)
-def data_error(request: HttpRequest, exc: DataError) -> HttpResponse:
-    # Input the schemas let through but the database cannot store (a NUL in a path, a number
-    # out of range): the client's fault, and nothing was written (the transaction rolled back).
-    log.warning("data error on %s %s: %s", request.method, request.path, exc)
-    return error_response(request, 400, "invalid_request", "A value in the request cannot be stored.")
-
-
-@api.exception_handler(IntegrityError)
-def integrity_error(request: HttpRequest, exc: IntegrityError) -> HttpResponse:
-    # Only a race can get here (say, a queue deleted while a publish to it ran); retrying helps.
-    log.warning("integrity error: %s", exc)
-    return error_response(request, 409, "conflict", "The destination changed concurrently; retry.")
-
-
-@api.exception_handler(Exception)
-def server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
-    log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
-    return error_response(request, 500, "internal_error", "Internal server error; it has been logged.")
 
 
 def _is_name(error: dict[str, Any]) -> bool:

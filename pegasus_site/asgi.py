@@ -21,6 +21,7 @@ from console import rates as console_rates  # noqa: E402
 from messaging import listener, longpoll, maintenance, routing  # noqa: E402
 from messaging.bridges import runner as bridge_runner  # noqa: E402
 from pegasus_site.bodylimit import BodyLimit, guard_daphne  # noqa: E402
+from pegasus_site.express import ExpressLane  # noqa: E402
 from pegasus_site.longpoll_handler import LongPollRouter  # noqa: E402
 
 maintenance.start_in_background()
@@ -32,7 +33,8 @@ longpoll.unpin_request_threads()  # a waiting long poll holds no thread
 
 application = ProtocolTypeRouter(
     {
-        "http": BodyLimit(LongPollRouter(django_asgi_app)),
+        # The hot REST operations skip Django's handler (pegasus_site/express.py).
+        "http": BodyLimit(ExpressLane(LongPollRouter(django_asgi_app))),
         "websocket": routing.origin_checked(URLRouter(routing.websocket_urlpatterns)),
     }
 )

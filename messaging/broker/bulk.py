@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 from django.db import connection
 
 from messaging import filters
@@ -81,10 +82,19 @@ def insert_messages(
         [json.dumps(m.headers) for m in messages], [m.priority for m in messages], expires,
         state, transaction_id, d_ord, d_queue, d_prio, d_vis, d_exp,
     ]  # fmt: skip
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(sql, params)
         pks = [row[0] for row in cursor.fetchall()]
     return pks, routed
+
+
+def _cursor() -> psycopg.Cursor[Any]:
+    """A server-side-binding cursor on Django's connection (inside its transaction). Django's own
+    cursors bind on the client: they quote every element of these 100-element arrays into the
+    SQL text in Python, a tenth of a publish's CPU. Here parameters travel apart from the SQL,
+    and psycopg prepares a statement it has run a few times on this connection."""
+    connection.ensure_connection()
+    return psycopg.Cursor(connection.connection)
 
 
 # --------------------------------------------------------------------------- receive
@@ -124,7 +134,7 @@ def choose(
     """Lock up to `limit` deliverable rows per store: (store index, pk, priority, visible_at)."""
     durable, transient = stores
     sql = _CHOOSE_SQL.format(durable=durable.delivery._meta.db_table, transient=transient.delivery._meta.db_table)
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(sql, [queue_id, now, now, limit] * 2)
         return [(int(s), int(pk), int(p), v) for s, pk, p, v in cursor.fetchall()]
 
@@ -132,7 +142,7 @@ def choose(
 def lease(*, store: Store, ids: list[int], deadline: datetime, token: str) -> list[LeasedRow]:
     """Lease rows already locked by `choose`; each row with its message's columns."""
     sql = _LEASE_SQL.format(delivery=store.delivery._meta.db_table, message=store.message._meta.db_table)
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(sql, [deadline, token, ids])
         rows: list[LeasedRow] = cursor.fetchall()
     return rows
