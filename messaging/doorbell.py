@@ -17,14 +17,37 @@ class Doorbell:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[int, set[asyncio.Future[None]]] = defaultdict(set)
+        self._listeners: dict[int, set[Listener]] = defaultdict(set)
 
     def ring(self, queue_ids: Iterable[int]) -> None:
         with self._lock:
-            futures = [f for qid in queue_ids for f in self._waiters.pop(qid, ())]
+            ids = list(queue_ids)
+            futures = [f for qid in ids for f in self._waiters.pop(qid, ())]
+            listeners = [li for qid in ids for li in self._listeners.get(qid, ())]
         for future in futures:
             loop = future.get_loop()
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_resolve, future)
+        for listener in listeners:
+            listener._ring()
+
+    def listen(self, queue_ids: Iterable[int]) -> Listener:
+        """A standing waiter for these queues (a WebSocket pusher): cheaper than a `wait` per
+        look, and it hears every ring between `clear()` and `wait()`. Close it when done."""
+        listener = Listener(self, list(queue_ids), asyncio.get_running_loop())
+        with self._lock:
+            for qid in listener.queue_ids:
+                self._listeners[qid].add(listener)
+        return listener
+
+    def _forget(self, listener: Listener) -> None:
+        with self._lock:
+            for qid in listener.queue_ids:
+                listening = self._listeners.get(qid)
+                if listening is not None:
+                    listening.discard(listener)
+                    if not listening:
+                        del self._listeners[qid]
 
     async def wait(self, queue_ids: Iterable[int], timeout: float) -> bool:
         """Wait until one of these queues is rung or `timeout` passes; True if rung."""
@@ -46,6 +69,42 @@ class Doorbell:
                         waiting.discard(future)
                         if not waiting:
                             del self._waiters[qid]
+
+
+class Listener:
+    """Rung (from any thread) since the last `clear()`? Used as: clear, look, wait if nothing."""
+
+    def __init__(self, bell: Doorbell, queue_ids: list[int], loop: asyncio.AbstractEventLoop) -> None:
+        self.queue_ids = queue_ids
+        self._bell = bell
+        self._loop = loop
+        self._event = asyncio.Event()
+        self._rung = False  # set by any thread; a wake-up is scheduled only on its first ring
+
+    def _ring(self) -> None:
+        if not self._rung:
+            self._rung = True
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._event.set)
+
+    def clear(self) -> None:
+        """Forget earlier rings: call before looking at the database. (A wake-up already on its
+        way may still arrive: at worst one look too many, never one too few.)"""
+        self._rung = False
+        self._event.clear()
+
+    async def wait(self, timeout: float) -> bool:
+        """Until rung since the last clear() (True) or `timeout` passes (False)."""
+        if self._rung:
+            return True
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return self._rung
+
+    def close(self) -> None:
+        self._bell._forget(self)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

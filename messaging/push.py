@@ -20,7 +20,8 @@ from channels.db import DatabaseSyncToAsync, database_sync_to_async
 from django.conf import settings
 
 from messaging import broker
-from messaging.doorbell import doorbell
+from messaging.broker.delivery import Authorize
+from messaging.doorbell import Listener, doorbell
 from messaging.models import Queue
 
 log = logging.getLogger("pegasus.push")
@@ -85,7 +86,13 @@ def live_settings() -> LiveSettings:
 
 
 class Pusher:
-    """Pushes one queue's (or subscription's) messages to one subscriber of a connection."""
+    """Pushes one queue's (or subscription's) messages to one subscriber of a connection.
+
+    Every claim is one database transaction that also acks what this subscriber settled since
+    the last one (`broker.ack_and_receive`): the auto-acks of the messages it just pushed, or the
+    client's ack that made room (`ack_and_refill`). A subscriber that acks every half prefetch
+    window thus costs one commit per window, not two.
+    """
 
     def __init__(
         self,
@@ -109,9 +116,13 @@ class Pusher:
         self._deliver = deliver
         self._recheck = recheck_seconds
         self._room = asyncio.Event()
+        self._busy = asyncio.Lock()  # one claim (and the delivery of what it got) at a time
+        self._auto_acks: list[str] = []  # pushed with ack "auto", acked with the next claim
         self._task: asyncio.Task[None] | None = None
+        self._bell: Listener | None = None
 
     def start(self) -> None:
+        self._bell = doorbell.listen([self.queue.pk])
         self._task = asyncio.create_task(self._run(), name=f"pusher {self.key}")
 
     async def stop(self) -> None:
@@ -120,6 +131,16 @@ class Pusher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
+        if self._auto_acks:  # pushed with ack "auto": ack them now rather than give them back
+            receipts, self._auto_acks = self._auto_acks, []
+            try:
+                await push_hop(broker.ack)(receipts=receipts)
+                self.settled(receipts)
+            except Exception:  # left in unacked: the connection gives them back (at least once)
+                log.warning("auto-ack on %s failed", self.key, exc_info=True)
 
     def settled(self, receipts: Sequence[str]) -> list[str]:
         """Forget receipts that were acked or nacked; returns those that were ours."""
@@ -143,6 +164,20 @@ class Pusher:
     def receipt_for(self, message_id: str) -> str | None:
         return next((r for r, mid in self.unacked.items() if mid == message_id), None)
 
+    def holds_all(self, receipts: Sequence[str]) -> bool:
+        return bool(receipts) and all(r in self.unacked for r in receipts)
+
+    async def ack_and_refill(self, receipts: Sequence[str], *, user: Any, authorize: Authorize) -> list[str] | None:
+        """Ack receipts this subscriber holds and claim the room that makes, in one transaction,
+        then push what was claimed. Returns ack's statuses, or None if the pusher is busy
+        claiming right now (the caller then acks on its own)."""
+        if self._busy.locked() or self._task is None:
+            return None
+        async with self._busy:
+            statuses, messages = await self._claim(list(receipts), user=user, authorize=authorize)
+            await self._push(messages)
+        return statuses
+
     async def _run(self) -> None:
         while True:
             try:
@@ -155,40 +190,52 @@ class Pusher:
 
     async def _step(self) -> None:
         """Claim and deliver what there is room for, or wait for room or for the doorbell."""
-        room = self.prefetch - len(self.unacked)
-        if room <= 0:
+        if self.prefetch - len(self.unacked) + len(self._auto_acks) <= 0:
             self._room.clear()
             await self._room.wait()
             return
-        # Listen before looking, so a ring during the claim is not missed.
-        bell = asyncio.create_task(doorbell.wait([self.queue.pk], self._recheck))
-        try:
-            messages = await self._claim(min(room, 1000))
-            if messages:
-                await self._deliver(self, messages)
-                if self.auto_ack:
-                    await self._ack_now([m.receipt for m in messages])
-                return
-            await bell
-        finally:
-            bell.cancel()
+        assert self._bell is not None
+        self._bell.clear()  # listen before looking, so a ring during the claim is not missed
+        async with self._busy:
+            acks, self._auto_acks = self._auto_acks, []
+            _, messages = await self._claim(acks)
+            await self._push(messages)
+        if messages or self._auto_acks:
+            return
+        await self._bell.wait(self._recheck)
 
-    async def _claim(self, limit: int) -> list[broker.ReceivedMessage]:
-        claim = asyncio.ensure_future(push_hop(broker.receive)(queue=self.queue, max_messages=limit))
+    async def _claim(
+        self, acks: list[str], *, user: Any = None, authorize: Authorize | None = None
+    ) -> tuple[list[str], list[broker.ReceivedMessage]]:
+        """One hop: ack `acks` (ours) and lease what fits in the prefetch window after them."""
+        room = min(self.prefetch - len(self.unacked) + sum(1 for r in acks if r in self.unacked), 1000)
+        claim = asyncio.ensure_future(
+            push_hop(broker.ack_and_receive)(
+                receipts=acks, queue=self.queue, max_messages=max(room, 0), user=user, authorize=authorize
+            )
+        )
         try:
-            messages = await asyncio.shield(claim)
+            statuses, messages = await asyncio.shield(claim)
         except asyncio.CancelledError:
             # The claim may still commit: record its receipts so the connection returns them.
-            messages = await claim
+            statuses, messages = await claim
+            self.settled(acks)
             self._hold(messages)
             raise
+        except Exception:
+            if acks and user is None:  # our own auto-acks: try them again with the next claim
+                self._auto_acks[:0] = acks
+            raise
+        self.settled(acks)
         self._hold(messages)
-        return messages
+        return statuses, messages
+
+    async def _push(self, messages: list[broker.ReceivedMessage]) -> None:
+        if messages:
+            await self._deliver(self, messages)
+            if self.auto_ack:
+                self._auto_acks += [m.receipt for m in messages]
 
     def _hold(self, messages: Sequence[broker.ReceivedMessage]) -> None:
         for m in messages:
             self.unacked[m.receipt] = m.id
-
-    async def _ack_now(self, receipts: list[str]) -> None:
-        await push_hop(broker.ack)(receipts=receipts)
-        self.settled(receipts)

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from ninja import Field, Schema
-from pydantic import AfterValidator, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
 from messaging import broker
 from messaging.models import NAME_PATTERN
@@ -38,8 +38,16 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]
 Receipt = Annotated[Text, Field(max_length=200)]
 
 
-class In(Schema):
+# Inputs and the per-message outputs are plain pydantic models: ninja's Schema wraps every object
+# it validates in a DjangoGetter (for ORM objects), a third of a 100-message publish's CPU.
+class In(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Out(BaseModel):
+    """An output built from dicts and dataclasses, never from ORM objects."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 # --------------------------------------------------------------------------- errors
@@ -210,12 +218,12 @@ class PublishIn(_MessageFields):
         return [self.outgoing()]
 
 
-class PublishedOut(Schema):
+class PublishedOut(Out):
     id: str
     duplicate: bool
 
 
-class PublishOut(Schema):
+class PublishOut(Out):
     messages: list[PublishedOut]
 
 
@@ -225,7 +233,7 @@ class ReceiveIn(In):
     visibility_timeout_seconds: int | None = Field(None, ge=1, le=MAX_LEASE_SECONDS)
 
 
-class ReceivedOut(Schema):
+class ReceivedOut(Out):
     id: str
     body: str
     content_type: str
@@ -240,11 +248,11 @@ class ReceivedOut(Schema):
     redelivered: bool
 
 
-class ReceiveOut(Schema):
+class ReceiveOut(Out):
     messages: list[ReceivedOut]
 
 
-class BrowsedOut(Schema):
+class BrowsedOut(Out):
     id: str
     cursor: str = Field(description="pass as `after` to get the rows after this one")
     state: str
@@ -260,7 +268,7 @@ class BrowsedOut(Schema):
     dead_letter_reason: str
 
 
-class BrowseOut(Schema):
+class BrowseOut(Out):
     messages: list[BrowsedOut]
     next: str | None = Field(description="`after` for the next page; null on the last page")
 
@@ -283,12 +291,12 @@ class ExtendIn(In):
     visibility_timeout_seconds: int = Field(ge=1, le=MAX_LEASE_SECONDS)
 
 
-class ReceiptResultOut(Schema):
+class ReceiptResultOut(Out):
     receipt: str
     status: Literal["ok", "stale_receipt"]
 
 
-class ResultsOut(Schema):
+class ResultsOut(Out):
     results: list[ReceiptResultOut]
 
 

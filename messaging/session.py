@@ -141,11 +141,25 @@ class Session:
     # ------------------------------------------------------------------ operations
 
     async def ack(self, receipts: Sequence[str], transaction_id: str | None = None) -> list[str]:
+        authorize = access.may_consume(self.user)
+        if transaction_id is None and receipts:
+            # Receipts of one subscription: ack them and claim the room they make in one
+            # transaction (Pusher.ack_and_refill), unless that pusher is claiming right now.
+            pusher = self.holder(receipts[0])
+            if pusher is not None and pusher.holds_all(receipts):
+                try:
+                    statuses = await pusher.ack_and_refill(receipts, user=self.user, authorize=authorize)
+                except BrokerError:
+                    raise
+                except Exception:  # the claim's part failed, say: nothing was acked, ack alone
+                    log.warning("ack with refill on %s failed; acking alone", pusher.key, exc_info=True)
+                    statuses = None
+                if statuses is not None:
+                    return statuses
         # On the push threads, beside the claims, not queued behind the process's other hops.
         statuses = await push_hop(broker.ack)(
-            receipts=list(receipts), transaction_id=transaction_id, user=self.user,
-            authorize=access.may_consume(self.user),
-        )  # fmt: skip
+            receipts=list(receipts), transaction_id=transaction_id, user=self.user, authorize=authorize
+        )
         self.settled(receipts)
         return statuses
 

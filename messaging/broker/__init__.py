@@ -35,7 +35,17 @@ from messaging.broker.common import (
     validate_name,
 )
 from messaging.broker.consumers import refresh_consumers, register_consumer, unregister_consumers
-from messaging.broker.delivery import ACK_OK, ACK_STALE, ack, extend, nack, receive, redrive, require_some_ok
+from messaging.broker.delivery import (
+    ACK_OK,
+    ACK_STALE,
+    ack,
+    ack_and_receive,
+    extend,
+    nack,
+    receive,
+    redrive,
+    require_some_ok,
+)
 from messaging.broker.destinations import (
     create_queue,
     create_subscription,
@@ -78,6 +88,7 @@ __all__ = [
     "StaleReceipt",
     "Store",
     "ack",
+    "ack_and_receive",
     "begin",
     "commit",
     "create_queue",

@@ -93,18 +93,31 @@ def create_queue(*, name: str, settings: QueueSettings | None = None, user: Any 
     return queue, True
 
 
+# Every publish and receive looks its destination up by name. Written as SQL: building the same
+# query with the ORM costs about a millisecond of CPU here, more than the query itself.
+_QUEUE_BY_NAME = f"SELECT * FROM {Queue._meta.db_table} WHERE topic_id IS NULL AND name = %s"
+_TOPIC_BY_NAME = f"SELECT * FROM {Topic._meta.db_table} WHERE name = %s"
+_SUBSCRIPTIONS = f"SELECT * FROM {Queue._meta.db_table} WHERE topic_id = %s ORDER BY id"
+
+
 def get_queue(*, name: str) -> Queue:
-    queue = Queue.objects.select_related("dead_letter_queue").filter(topic__isnull=True, name=name).first()
+    """The queue (not a subscription) called `name`; its dead_letter_queue loads when used."""
+    queue = next(iter(Queue.objects.raw(_QUEUE_BY_NAME, [name])), None)
     if queue is None:
         raise QueueNotFound(f"Queue {name!r} does not exist.")
     return queue
 
 
 def get_topic(*, name: str) -> Topic:
-    topic = Topic.objects.filter(name=name).first()
+    topic = next(iter(Topic.objects.raw(_TOPIC_BY_NAME, [name])), None)
     if topic is None:
         raise TopicNotFound(f"Topic {name!r} does not exist.")
     return topic
+
+
+def subscriptions_of(topic: Topic) -> list[Queue]:
+    """The topic's subscriptions in creation order (a publish's lock order)."""
+    return list(Queue.objects.raw(_SUBSCRIPTIONS, [topic.pk]))
 
 
 def get_subscription(*, topic: str, name: str) -> Queue:

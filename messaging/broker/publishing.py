@@ -11,7 +11,7 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 
 from messaging import clock, conf, events, filters, metrics
-from messaging.broker import bulk
+from messaging.broker import bulk, destinations
 from messaging.broker.common import (
     STORES,
     TRANSIENT,
@@ -167,7 +167,7 @@ def _publish_checked(request: PublishRequest) -> list[PublishResult]:
     if transaction_id is not None:
         _lock_transaction(transaction_id, user=request.user, states=(TxState.OPEN,))
     now = clock.now()
-    targets = [queue] if queue is not None else list(Queue.objects.filter(topic=topic).order_by("pk"))
+    targets = [queue] if queue is not None else destinations.subscriptions_of(topic)  # type: ignore[arg-type]
     results = _publish_locked(
         destination=destination, targets=targets, messages=messages, window=window,
         transaction_id=transaction_id, now=now,
