@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -19,27 +19,32 @@ from django.db import connection
 from messaging import filters
 from messaging.broker.common import OutgoingMessage, Store
 
-# One statement inserts the messages and their deliveries. Message ids come from the identity
-# sequence in the order the rows are inserted (ORDER BY ord), so numbering the returned ids
-# gives each input row its id (Django's bulk_create relies on the same ordering). Data-modifying
-# CTEs always run to completion, whether the final SELECT reads them or not.
+# One statement inserts the messages and their deliveries. The batch travels as ONE json
+# parameter that PostgreSQL unpacks in C (json_to_recordset): binding arrays instead made psycopg
+# quote every element in Python, a fifth of a 100-message publish's CPU. Each row carries the
+# queue ids it is routed to (q), so one row can become several deliveries (a topic's fan-out).
+# Message ids come from the identity sequence in the order the rows are inserted (ORDER BY ord),
+# so numbering the returned ids gives each input row its id (Django's bulk_create relies on the
+# same ordering). Data-modifying CTEs always run to completion, whether the final SELECT reads
+# them or not.
 _PUBLISH_SQL = """
-WITH m AS (
+WITH u AS (
+  SELECT * FROM ROWS FROM (
+    json_to_recordset(%(batch)s::json) AS (b text, ct text, h jsonb, p smallint, d float8, t float8, q bigint[])
+  ) WITH ORDINALITY AS u(b, ct, h, p, d, t, q, ord)
+), m AS (
   INSERT INTO {message} (body, content_type, headers, priority, dedup_id, destination, published_at, expires_at)
-  SELECT u.body, u.ct, u.h::jsonb, u.p, '', %s, %s, u.exp
-  FROM unnest(%s::text[], %s::text[], %s::text[], %s::smallint[], %s::timestamptz[])
-       WITH ORDINALITY AS u(body, ct, h, p, exp, ord)
-  ORDER BY u.ord
-  RETURNING id
+  SELECT u.b, u.ct, u.h, u.p, '', %(destination)s, %(now)s, %(now)s + make_interval(secs => u.t)
+  FROM u ORDER BY u.ord
+  RETURNING id, expires_at
 ), n AS (
-  SELECT id, row_number() OVER (ORDER BY id) AS ord FROM m
+  SELECT id, expires_at, row_number() OVER (ORDER BY id) AS ord FROM m
 ), d AS (
   INSERT INTO {delivery} (message_id, queue_id, state, priority, visible_at, expires_at, delivery_count,
                           lease_token, transaction_id, dead_letter_reason)
-  SELECT n.id, v.q, %s, v.p, v.vis, v.exp, 0, '', %s, ''
-  FROM unnest(%s::bigint[], %s::bigint[], %s::smallint[], %s::timestamptz[], %s::timestamptz[])
-       AS v(ord, q, p, vis, exp)
-  JOIN n ON n.ord = v.ord
+  SELECT n.id, target.q, %(state)s, u.p, %(now)s + make_interval(secs => u.d), n.expires_at, 0, '',
+         %(transaction)s, ''
+  FROM u JOIN n ON n.ord = u.ord CROSS JOIN LATERAL unnest(u.q) AS target(q)
 )
 SELECT id FROM n ORDER BY ord
 """
@@ -57,31 +62,22 @@ def insert_messages(
 ) -> tuple[list[int], Counter[int]]:
     """Insert `messages` (all new: no dedup ids) and their deliveries to the matching `targets`.
     Returns the message pks in input order and the number of deliveries per queue pk."""
-    expires = [now + timedelta(seconds=m.ttl_seconds) if m.ttl_seconds else None for m in messages]
     routed: Counter[int] = Counter()
-    d_ord: list[int] = []
-    d_queue: list[int] = []
-    d_prio: list[int] = []
-    d_vis: list[datetime] = []
-    d_exp: list[datetime | None] = []
-    for n, msg in enumerate(messages, start=1):
-        visible_at = now + timedelta(seconds=msg.delay_seconds) if msg.delay_seconds else now
-        for target in targets:
-            if target.filter is not None and not filters.matches(target.filter, msg.headers):
-                continue
-            routed[target.pk] += 1
-            d_ord.append(n)
-            d_queue.append(target.pk)
-            d_prio.append(msg.priority)
-            d_vis.append(visible_at)
-            d_exp.append(expires[n - 1])
+    unfiltered = [t.pk for t in targets if t.filter is None]
+    filtered = [t for t in targets if t.filter is not None]
+    batch = []
+    for msg in messages:
+        queues = unfiltered + [t.pk for t in filtered if filters.matches(t.filter, msg.headers)]
+        routed.update(queues)
+        batch.append(
+            {"b": msg.body, "ct": msg.content_type, "h": msg.headers, "p": msg.priority,
+             "d": msg.delay_seconds, "t": msg.ttl_seconds or None, "q": queues}
+        )  # fmt: skip
     sql = _PUBLISH_SQL.format(message=store.message._meta.db_table, delivery=store.delivery._meta.db_table)
-    params: list[Any] = [
-        destination, now,
-        [m.body for m in messages], [m.content_type for m in messages],
-        [json.dumps(m.headers) for m in messages], [m.priority for m in messages], expires,
-        state, transaction_id, d_ord, d_queue, d_prio, d_vis, d_exp,
-    ]  # fmt: skip
+    params = {
+        "batch": json.dumps(batch, separators=(",", ":")), "destination": destination, "now": now,
+        "state": state, "transaction": transaction_id,
+    }  # fmt: skip
     with _cursor() as cursor:
         cursor.execute(sql, params)
         pks = [row[0] for row in cursor.fetchall()]
