@@ -8,6 +8,8 @@ database connection or a thread (messaging/longpoll.py), and reach the database 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any
 
 from django.http import HttpRequest
@@ -183,18 +185,17 @@ async def receive_from_queue(request: HttpRequest, name: Name, payload: ReceiveI
 
 
 async def receive_queue_as(user: Any, name: str, payload: ReceiveIn) -> dict[str, Any]:
-    queue = await longpoll.hop(access.access_queue)(user=user, name=name, action=Action.CONSUME)
-    return await _receive(queue, payload)
+    return await _receive(partial(access.access_queue, user=user, name=name, action=Action.CONSUME), payload)
 
 
 async def receive_subscription_as(user: Any, topic: str, name: str, payload: ReceiveIn) -> dict[str, Any]:
-    sub = await longpoll.hop(access.access_subscription)(user=user, topic=topic, name=name, action=Action.CONSUME)
-    return await _receive(sub, payload)
+    lookup = partial(access.access_subscription, user=user, topic=topic, name=name, action=Action.CONSUME)
+    return await _receive(lookup, payload)
 
 
-async def _receive(queue: Queue, payload: ReceiveIn) -> dict[str, Any]:
-    messages = await longpoll.receive(
-        queue=queue,
+async def _receive(lookup: Callable[[], Queue], payload: ReceiveIn) -> dict[str, Any]:
+    messages = await longpoll.receive_from(
+        lookup,
         max_messages=payload.max_messages,
         wait_seconds=payload.wait_seconds,
         visibility_timeout_seconds=payload.visibility_timeout_seconds,

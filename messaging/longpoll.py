@@ -93,6 +93,34 @@ async def receive(
             bell.cancel()
 
 
+async def receive_from(
+    lookup: Callable[[], Queue],
+    *,
+    max_messages: int = 1,
+    wait_seconds: float = 0,
+    visibility_timeout_seconds: int | None = None,
+) -> list[broker.ReceivedMessage]:
+    """receive() from the queue `lookup` returns (an access check that fetches it): the lookup
+    and the first attempt share ONE hop, which is all a receive from a non-empty queue takes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+
+    def first() -> tuple[Queue, list[broker.ReceivedMessage]]:
+        queue = lookup()
+        return queue, broker.receive(
+            queue=queue, max_messages=max_messages, visibility_timeout_seconds=visibility_timeout_seconds
+        )
+
+    queue, messages = await hop(first)()
+    remaining = deadline - loop.time()
+    if messages or remaining <= 0:
+        return messages
+    return await receive(
+        queue=queue, max_messages=max_messages, wait_seconds=remaining,
+        visibility_timeout_seconds=visibility_timeout_seconds,
+    )  # fmt: skip
+
+
 def unpin_request_threads() -> None:
     """For ASGI servers only (pegasus_site/asgi.py): keep a waiting request free of threads.
 

@@ -21,6 +21,7 @@ this package: `from messaging import broker; broker.publish(...)`.
 from __future__ import annotations
 
 from messaging.broker.common import (
+    ANY_QUEUE,
     DURABLE,
     MAX_DELAY_SECONDS,
     STORES,
@@ -75,6 +76,7 @@ from messaging.exceptions import StaleReceipt
 __all__ = [
     "ACK_OK",
     "ACK_STALE",
+    "ANY_QUEUE",
     "DURABLE",
     "MAX_DELAY_SECONDS",
     "STORES",

@@ -78,13 +78,13 @@ def insert_messages(
         "batch": json.dumps(batch, separators=(",", ":")), "destination": destination, "now": now,
         "state": state, "transaction": transaction_id,
     }  # fmt: skip
-    with _cursor() as cursor:
+    with server_cursor() as cursor:
         cursor.execute(sql, params)
         pks = [row[0] for row in cursor.fetchall()]
     return pks, routed
 
 
-def _cursor() -> psycopg.Cursor[Any]:
+def server_cursor() -> psycopg.Cursor[Any]:
     """A server-side-binding cursor on Django's connection (inside its transaction). Django's own
     cursors bind on the client: they quote every element of these 100-element arrays into the
     SQL text in Python, a tenth of a publish's CPU. Here parameters travel apart from the SQL,
@@ -130,7 +130,7 @@ def choose(
     """Lock up to `limit` deliverable rows per store: (store index, pk, priority, visible_at)."""
     durable, transient = stores
     sql = _CHOOSE_SQL.format(durable=durable.delivery._meta.db_table, transient=transient.delivery._meta.db_table)
-    with _cursor() as cursor:
+    with server_cursor() as cursor:
         cursor.execute(sql, [queue_id, now, now, limit] * 2)
         return [(int(s), int(pk), int(p), v) for s, pk, p, v in cursor.fetchall()]
 
@@ -138,7 +138,7 @@ def choose(
 def lease(*, store: Store, ids: list[int], deadline: datetime, token: str) -> list[LeasedRow]:
     """Lease rows already locked by `choose`; each row with its message's columns."""
     sql = _LEASE_SQL.format(delivery=store.delivery._meta.db_table, message=store.message._meta.db_table)
-    with _cursor() as cursor:
+    with server_cursor() as cursor:
         cursor.execute(sql, [deadline, token, ids])
         rows: list[LeasedRow] = cursor.fetchall()
     return rows

@@ -57,6 +57,11 @@ TRANSIENT = Store("t", TransientMessage, TransientDelivery)
 STORES = (DURABLE, TRANSIENT)
 
 
+def ANY_QUEUE(queue: Queue) -> bool:
+    """An `authorize` for ack/nack/extend that allows every queue (admins)."""
+    return True
+
+
 def store_for(durable: bool) -> Store:
     return DURABLE if durable else TRANSIENT
 
