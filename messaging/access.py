@@ -95,10 +95,10 @@ def may_consume(user: Any) -> Callable[[Queue], bool]:
     return check
 
 
-def access_queue(*, user: Any, name: str, action: Action) -> Queue:
+def access_queue(*, user: Any, name: str, action: Action, recent_ok: bool = False) -> Queue:
     broker.validate_name(name)
     require(user, action, kind=Kind.QUEUE, name=name)
-    return broker.get_queue(name=name)
+    return broker.get_queue(name=name, recent_ok=recent_ok)
 
 
 def access_topic(*, user: Any, name: str, action: Action) -> Topic:

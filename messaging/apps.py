@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.apps import AppConfig
+from django.db.models import Model
 
 
 class MessagingConfig(AppConfig):
@@ -13,10 +16,17 @@ class MessagingConfig(AppConfig):
         from django.db.models.signals import post_delete, post_save
 
         from messaging import tokens
-        from messaging.models import ApiToken
+        from messaging.broker import destinations
+        from messaging.models import ApiToken, Queue
 
-        # A token or user changed in this process: authenticated tokens are looked up afresh.
-        for model in (ApiToken, get_user_model()):
+        # A token or user changed in this process: authenticated tokens are looked up afresh;
+        # a queue changed: publishes look it up afresh (broker.get_queue(recent_ok=True)).
+        forget: list[tuple[Callable[..., None], type[Model]]] = [
+            (tokens.forget_on_change, ApiToken),
+            (tokens.forget_on_change, get_user_model()),
+            (destinations.forget_recent_queues, Queue),
+        ]
+        for receiver, model in forget:
             for signal in (post_save, post_delete):
-                uid = f"tokens-{model.__name__}-{id(signal)}"
-                signal.connect(tokens.forget_on_change, sender=model, dispatch_uid=uid)
+                uid = f"forget-{model.__name__}-{id(signal)}"
+                signal.connect(receiver, sender=model, dispatch_uid=uid)

@@ -364,7 +364,7 @@ _LOCK_SQL = (
 )
 
 
-_QUEUES_BY_ID = f"SELECT * FROM {Queue._meta.db_table} WHERE id = ANY(%s)"
+_QUEUES_BY_ID = f"SELECT * FROM {Queue._meta.db_table} WHERE id IN ({{}})"
 
 
 def _lock_receipts(
@@ -398,7 +398,8 @@ def _lock_receipts(
             rows[(store.code, row[0])] = _Held(*row)
     if authorize is not None and authorize is not ANY_QUEUE:
         named = {row.queue_id for p in parsed if p and (row := rows.get((p[0].code, p[1]))) and row.lease_token == p[2]}
-        for queue in Queue.objects.raw(_QUEUES_BY_ID, [sorted(named)]):
+        ids = sorted(named)
+        for queue in Queue.objects.raw(_QUEUES_BY_ID.format(", ".join(["%s"] * len(ids))), ids) if ids else ():
             if not authorize(queue):
                 raise PermissionDenied(f"Not permitted to consume from {queue.label!r}.")
     return parsed, rows

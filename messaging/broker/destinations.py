@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -100,12 +102,36 @@ _TOPIC_BY_NAME = f"SELECT * FROM {Topic._meta.db_table} WHERE name = %s"
 _SUBSCRIPTIONS = f"SELECT * FROM {Queue._meta.db_table} WHERE topic_id = %s ORDER BY id"
 
 
-def get_queue(*, name: str) -> Queue:
-    """The queue (not a subscription) called `name`; its dead_letter_queue loads when used."""
+def get_queue(*, name: str, recent_ok: bool = False) -> Queue:
+    """The queue (not a subscription) called `name`; its dead_letter_queue loads when used.
+
+    `recent_ok` (publishing): a row read in this process less than QUEUE_CACHE_SECONDS ago will
+    do, which saves a round trip per group-commit round. Changes made in this process are seen
+    at once (signals clear the cache, messaging/apps.py); another process's within that time:
+    a new max_message_bytes applies a moment later, and a publish to a queue deleted meanwhile
+    fails its insert and answers 409 conflict ("retry"), then 404. Nothing is ever written to
+    a queue that does not exist."""
+    if recent_ok and QUEUE_CACHE_SECONDS > 0:
+        cached = _recent_queues.get(name)
+        if cached is not None and time.monotonic() - cached[0] < QUEUE_CACHE_SECONDS:
+            return cached[1]
     queue = next(iter(Queue.objects.raw(_QUEUE_BY_NAME, [name])), None)
     if queue is None:
         raise QueueNotFound(f"Queue {name!r} does not exist.")
+    if QUEUE_CACHE_SECONDS > 0:
+        if len(_recent_queues) > 10_000:
+            _recent_queues.clear()
+        _recent_queues[name] = (time.monotonic(), queue)
     return queue
+
+
+QUEUE_CACHE_SECONDS = float(os.environ.get("PEGASUS_QUEUE_CACHE_SECONDS", "1"))
+_recent_queues: dict[str, tuple[float, Queue]] = {}
+
+
+def forget_recent_queues(**kwargs: Any) -> None:
+    """Signal receiver (messaging/apps.py): a queue was saved or deleted in this process."""
+    _recent_queues.clear()
 
 
 def get_topic(*, name: str) -> Topic:
