@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 
 class Doorbell:
@@ -19,11 +19,12 @@ class Doorbell:
         self._waiters: dict[int, set[asyncio.Future[None]]] = defaultdict(set)
         self._listeners: dict[int, set[Listener]] = defaultdict(set)
 
-    def ring(self, queue_ids: Iterable[int]) -> None:
+    def ring(self, queue_ids: Iterable[int], *, skip: Collection[Listener] = ()) -> None:
+        """Wake everyone waiting on these queues (but the listeners in `skip`)."""
         with self._lock:
             ids = list(queue_ids)
             futures = [f for qid in ids for f in self._waiters.pop(qid, ())]
-            listeners = [li for qid in ids for li in self._listeners.get(qid, ())]
+            listeners = [li for qid in ids for li in self._listeners.get(qid, ()) if li not in skip]
         for future in futures:
             loop = future.get_loop()
             if not loop.is_closed():

@@ -3,7 +3,8 @@
 On PostgreSQL, `pg_notify` inside the transaction is delivered to every server process's
 listener (messaging/listener.py) exactly when the transaction commits, and never if it rolls
 back. In this process the doorbell is rung by an on_commit callback as well, so a local waiter
-does not depend on the listener at all.
+does not depend on the listener at all, and a WebSocket pusher waiting on the queue has its
+messages claimed inside the transaction itself and pushed the moment it commits.
 """
 
 from __future__ import annotations
@@ -24,4 +25,10 @@ def notify_on_commit(queue_ids: Iterable[int]) -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, ",".join(map(str, ids))])
-    transaction.on_commit(lambda: doorbell.ring(ids))
+    # A push consumer of this process waiting on one of these queues gets its messages claimed
+    # in this transaction and pushed when it commits (messaging/push.py, hand_off); the ring
+    # would only make it look again for nothing.
+    from messaging.push import hand_off
+
+    served = {p.bell for p in hand_off(ids) if p.bell is not None}
+    transaction.on_commit(lambda: doorbell.ring(ids, skip=served))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from channels.db import DatabaseSyncToAsync, database_sync_to_async
 from django.conf import settings
+from django.db import connection, transaction
 
 from messaging import broker
 from messaging.broker.delivery import Authorize
@@ -92,6 +95,12 @@ class Pusher:
     the last one (`broker.ack_and_receive`): the auto-acks of the messages it just pushed, or the
     client's ack that made room (`ack_and_refill`). A subscriber that acks every half prefetch
     window thus costs one commit per window, not two.
+
+    A pusher waiting for messages is "takeable": a transaction of this process that makes its
+    queue's messages deliverable (a publish, say) claims them for it inside that same
+    transaction (`hand_off`, called by messaging.events), and they are pushed as soon as it
+    commits, without a claim of their own. At most one claim (its own or a hand-off) is in
+    flight per pusher, so it never has more than `prefetch` messages out unacked.
     """
 
     def __init__(
@@ -116,21 +125,35 @@ class Pusher:
         self._deliver = deliver
         self._recheck = recheck_seconds
         self._room = asyncio.Event()
-        self._busy = asyncio.Lock()  # one claim (and the delivery of what it got) at a time
+        self._busy = asyncio.Lock()  # one claim of our own (and the delivery of what it got) at a time
         self._auto_acks: list[str] = []  # pushed with ack "auto", acked with the next claim
         self._task: asyncio.Task[None] | None = None
         self._bell: Listener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Hand-off state, shared with database threads (guarded by _TAKEABLE_LOCK):
+        self._takeable = False  # waiting, registered in _TAKEABLE: a commit may claim for us
+        self._taken = False  # a transaction claimed for us and has not finished yet
+        self._handed: asyncio.Future[_Outcome | None] | None = None  # its outcome (None: rolled back)
+        self._look = True  # look at the database before waiting
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._bell = doorbell.listen([self.queue.pk])
         self._task = asyncio.create_task(self._run(), name=f"pusher {self.key}")
 
     async def stop(self) -> None:
         """Stop pushing; afterwards `unacked` holds every receipt that went out unacked."""
+        self._untake()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._handed is not None and not self._untake():  # a hand-off in flight: its
+            try:  # messages are held (never pushed), so the connection gives them back
+                self._accept(await asyncio.wait_for(asyncio.shield(self._handed), 30))
+            except TimeoutError:
+                log.warning("hand-off to %s did not finish; its leases will expire", self.key)
+            self._handed = None
         if self._bell is not None:
             self._bell.close()
             self._bell = None
@@ -164,19 +187,33 @@ class Pusher:
     def receipt_for(self, message_id: str) -> str | None:
         return next((r for r, mid in self.unacked.items() if mid == message_id), None)
 
+    @property
+    def bell(self) -> Listener | None:
+        return self._bell
+
     def holds_all(self, receipts: Sequence[str]) -> bool:
         return bool(receipts) and all(r in self.unacked for r in receipts)
 
-    async def ack_and_refill(self, receipts: Sequence[str], *, user: Any, authorize: Authorize) -> list[str] | None:
+    async def ack_and_refill(
+        self, receipts: Sequence[str], *, user: Any, authorize: Authorize | None
+    ) -> list[str] | None:
         """Ack receipts this subscriber holds and claim the room that makes, in one transaction,
-        then push what was claimed. Returns ack's statuses, or None if the pusher is busy
-        claiming right now (the caller then acks on its own)."""
-        if self._busy.locked() or self._task is None:
+        then push what was claimed. Returns ack's statuses, or None if the pusher is claiming
+        right now (the caller then acks on its own)."""
+        if self._busy.locked() or self._task is None or not self._untake():
             return None
-        async with self._busy:
-            statuses, messages = await self._claim(list(receipts), user=user, authorize=authorize)
-            await self._push(messages)
+        try:
+            async with self._busy:
+                statuses, messages = await self._claim(list(receipts), user=user, authorize=authorize)
+                await self._push(messages)
+        finally:
+            # We took the pusher out of its wait; let it wait again, takeable, without looking
+            # (we just did; a ring meanwhile still makes it look).
+            if self._handed is not None and not self._handed.done():
+                self._handed.set_result(([], [], False))
         return statuses
+
+    # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
         while True:
@@ -189,20 +226,71 @@ class Pusher:
                 await asyncio.sleep(self._recheck)
 
     async def _step(self) -> None:
-        """Claim and deliver what there is room for, or wait for room or for the doorbell."""
+        """Claim and deliver what there is room for, or wait for room, the doorbell or a hand-off."""
         if self.prefetch - len(self.unacked) + len(self._auto_acks) <= 0:
             self._room.clear()
             await self._room.wait()
             return
         assert self._bell is not None
-        self._bell.clear()  # listen before looking, so a ring during the claim is not missed
-        async with self._busy:
-            acks, self._auto_acks = self._auto_acks, []
-            _, messages = await self._claim(acks)
+        if self._look:
+            self._bell.clear()  # listen before looking, so a ring during the claim is not missed
+            async with self._busy:
+                acks, self._auto_acks = self._auto_acks, []
+                _, messages = await self._claim(acks)
+                await self._push(messages)
+            if messages:
+                return
+        self._look = await self._wait()
+
+    async def _wait(self) -> bool:
+        """Wait, takeable, for the doorbell or a hand-off. True: look at the database (rung,
+        timed out, or a hand-off that filled what it asked for may have left more behind).
+        Auto-acks wait at most ACK_DELAY_SECONDS for a hand-off to carry them."""
+        assert self._bell is not None and self._loop is not None
+        handed: asyncio.Future[_Outcome | None] = self._loop.create_future()
+        with _TAKEABLE_LOCK:
+            self._handed = handed
+            self._takeable = True
+            _TAKEABLE.setdefault(self.queue.pk, {})[self] = None
+        try:
+            timeout = ACK_DELAY_SECONDS if self._auto_acks else self._recheck
+            await _first(self._bell.wait(timeout), handed)
+            if not handed.done() and self._untake():
+                return True  # rung or timed out, and nobody took us
+            outcome = await asyncio.shield(handed)  # taken: wait for that transaction to end
+            self._handed = None
+            messages = self._accept(outcome)
             await self._push(messages)
-        if messages or self._auto_acks:
-            return
-        await self._bell.wait(self._recheck)
+            return outcome is None or outcome[2]
+        finally:
+            if self._untake() and self._handed is handed:
+                self._handed = None
+
+    def _untake(self) -> bool:
+        """Stop being takeable; False if a transaction has taken us and has not finished."""
+        with _TAKEABLE_LOCK:
+            if self._takeable:
+                self._takeable = False
+                waiting = _TAKEABLE.get(self.queue.pk)
+                if waiting is not None:
+                    waiting.pop(self, None)
+                    if not waiting:
+                        del _TAKEABLE[self.queue.pk]
+            return not self._taken
+
+    def _accept(self, outcome: _Outcome | None) -> list[broker.ReceivedMessage]:
+        """A hand-off's transaction finished: committed (`outcome`) or rolled back (None).
+        Returns the messages it claimed for us, now held, to push."""
+        with _TAKEABLE_LOCK:
+            self._taken = False
+        if outcome is None:
+            return []
+        acks, messages, _ = outcome
+        self.settled(acks)
+        done = set(acks)
+        self._auto_acks = [r for r in self._auto_acks if r not in done]
+        self._hold(messages)
+        return messages
 
     async def _claim(
         self, acks: list[str], *, user: Any = None, authorize: Authorize | None = None
@@ -210,7 +298,7 @@ class Pusher:
         """One hop: ack `acks` (ours) and lease what fits in the prefetch window after them."""
         room = min(self.prefetch - len(self.unacked) + sum(1 for r in acks if r in self.unacked), 1000)
         claim = asyncio.ensure_future(
-            push_hop(broker.ack_and_receive)(
+            push_hop(_claim_in_thread)(
                 receipts=acks, queue=self.queue, max_messages=max(room, 0), user=user, authorize=authorize
             )
         )
@@ -239,3 +327,105 @@ class Pusher:
     def _hold(self, messages: Sequence[broker.ReceivedMessage]) -> None:
         for m in messages:
             self.unacked[m.receipt] = m.id
+
+
+# A committed hand-off: receipts it acked, messages it claimed, whether it claimed all it asked for.
+_Outcome = tuple[list[str], list[broker.ReceivedMessage], bool]
+
+# How long pushed auto-ack messages wait for a hand-off to carry their ack before a claim of
+# the pusher's own acks them (they are acked either way; this only saves commits).
+ACK_DELAY_SECONDS = 0.02
+
+# Pushers waiting for messages, by queue pk (insertion-ordered: the longest waiting first).
+_TAKEABLE: dict[int, dict[Pusher, None]] = {}
+_TAKEABLE_LOCK = threading.Lock()
+_claiming = threading.local()  # set while a pusher's own claim runs in this thread
+
+
+async def _first(bell: Awaitable[bool], handed: asyncio.Future[Any]) -> bool:
+    """Wait for the doorbell or a hand-off; True if the doorbell rang."""
+    ring = asyncio.ensure_future(bell)
+    try:
+        await asyncio.wait([ring, handed], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not ring.done():
+            ring.cancel()
+    return ring.done() and not ring.cancelled() and ring.result()
+
+
+def _claim_in_thread(**kwargs: Any) -> tuple[list[str], list[broker.ReceivedMessage]]:
+    _claiming.active = True
+    try:
+        return broker.ack_and_receive(**kwargs)
+    finally:
+        _claiming.active = False
+
+
+class _Token:
+    """Lives exactly as long as a hand-off's on_commit callback: freed without the callback
+    having run, it means Django dropped the callback, i.e. the transaction rolled back."""
+
+
+def hand_off(queue_ids: Sequence[int]) -> set[Pusher]:
+    """Inside a transaction that makes messages of these queues deliverable (any thread): claim
+    them, in this same transaction, for a pusher of this process that waits on the queue, and
+    push them when it commits. Returns the pushers served, whose doorbell ring for this
+    transaction is redundant. A failed claim is rolled back to its savepoint and changes
+    nothing; the pusher then claims on its own when the doorbell rings."""
+    if not _TAKEABLE or getattr(_claiming, "active", False):
+        return set()
+    if not connection.in_atomic_block:
+        return set()
+    taken: list[Pusher] = []
+    with _TAKEABLE_LOCK:
+        for qid in queue_ids:
+            waiting = _TAKEABLE.get(qid)
+            if not waiting:
+                continue
+            pusher = next(iter(waiting))
+            del waiting[pusher]
+            if not waiting:
+                del _TAKEABLE[qid]
+            pusher._takeable = False
+            pusher._taken = True
+            taken.append(pusher)
+    served: set[Pusher] = set()
+    for pusher in taken:
+        handed, loop = pusher._handed, pusher._loop
+        assert handed is not None and loop is not None
+        acks = list(pusher._auto_acks)
+        room = min(pusher.prefetch - len(pusher.unacked) + len(acks), 1000)
+        try:  # ack_and_receive's atomic block is a savepoint here
+            _, messages = broker.ack_and_receive(receipts=acks, queue=pusher.queue, max_messages=max(room, 0))
+        except Exception:
+            log.warning("hand-off to %s failed; it will claim on its own", pusher.key, exc_info=True)
+            loop.call_soon_threadsafe(_settle, handed, None)
+            continue
+        if not messages and not acks:  # nothing for it yet (delayed messages, say)
+            loop.call_soon_threadsafe(_settle, handed, None)
+            continue
+        _after_commit(loop, handed, (acks, messages, len(messages) >= room))
+        served.add(pusher)
+    return served
+
+
+def _after_commit(loop: asyncio.AbstractEventLoop, handed: asyncio.Future[_Outcome | None], outcome: _Outcome) -> None:
+    ran = [False]
+    token = _Token()
+
+    def committed(token: _Token = token) -> None:
+        ran[0] = True
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle, handed, outcome)
+
+    def finished() -> None:
+        if not ran[0] and not loop.is_closed():  # rolled back: nothing was acked or claimed
+            loop.call_soon_threadsafe(_settle, handed, None)
+
+    weakref.finalize(token, finished)
+    transaction.on_commit(committed)
+
+
+def _settle(handed: asyncio.Future[_Outcome | None], outcome: _Outcome | None) -> None:
+    if not handed.done():
+        handed.set_result(outcome)

@@ -39,12 +39,14 @@ class Client:
             self.pending.append(got)
 
     def call(self, **frame: Any) -> dict[str, Any]:
+        """Send a frame and return its answer; pushed messages that arrive first (a publish's
+        own message may be pushed before its confirm) are kept for next()."""
         self.send(corr=frame.get("corr", "c"), **{k: v for k, v in frame.items() if k != "corr"})
-        reply = self.next()
-        while reply["op"] == "message":
+        while True:
+            reply: dict[str, Any] = json.loads(self.ws.recv(timeout=WAIT))
+            if reply["op"] != "message":
+                return reply
             self.pending.append(reply)
-            reply = self.next()
-        return reply
 
     def quiet(self, seconds: float = 1.0) -> bool:
         try:
