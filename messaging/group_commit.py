@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections
+from django.db import IntegrityError, close_old_connections
 
 from messaging import access, broker, longpoll
+from messaging.broker import destinations
 from messaging.exceptions import BrokerError
 
 # One round carries at most this many messages: bounds the transaction and the wait behind it.
@@ -125,7 +126,22 @@ def _run_round_and_close(publishes: Sequence[Publish]) -> list[list[broker.Publi
 
 def run_round(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] | Exception]:
     """One round, in the database thread: check each publish's access (once per user and
-    destination), then publish them together (broker.publish_many)."""
+    destination), then publish them together (broker.publish_many).
+
+    Queues are looked up with recent_ok (a row read in the last second will do). If one was
+    deleted meanwhile by another process, its publishes fail on the foreign key and nothing is
+    written; those are tried once more with fresh lookups, so they answer as if looked up now
+    (404, or published to the queue created again under that name)."""
+    outcomes = _run_round(publishes, recent_ok=True)
+    stale = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, IntegrityError)]
+    if stale:
+        destinations.forget_recent_queues()
+        for i, outcome in zip(stale, _run_round([publishes[i] for i in stale], recent_ok=False), strict=True):
+            outcomes[i] = outcome
+    return outcomes
+
+
+def _run_round(publishes: Sequence[Publish], *, recent_ok: bool) -> list[list[broker.PublishResult] | Exception]:
     outcomes: list[list[broker.PublishResult] | Exception | None] = [None] * len(publishes)
     allowed: dict[tuple[Any, access.Kind, str], Any] = {}
     requests: list[broker.PublishRequest] = []
@@ -134,7 +150,7 @@ def run_round(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] |
         try:
             key = (getattr(p.user, "pk", None), p.kind, p.name)
             if key not in allowed:
-                allowed[key] = _access(p)
+                allowed[key] = _access(p, recent_ok=recent_ok)
             target = allowed[key]
         except BrokerError as exc:
             outcomes[i] = exc
@@ -151,9 +167,9 @@ def run_round(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] |
     return outcomes  # type: ignore[return-value]
 
 
-def _access(p: Publish) -> Any:
+def _access(p: Publish, *, recent_ok: bool) -> Any:
     if p.kind is access.Kind.QUEUE:
-        return access.access_queue(user=p.user, name=p.name, action=access.Action.SEND, recent_ok=True)
+        return access.access_queue(user=p.user, name=p.name, action=access.Action.SEND, recent_ok=recent_ok)
     return access.access_topic(user=p.user, name=p.name, action=access.Action.SEND)
 
 

@@ -242,7 +242,7 @@ async def _answer(send: Send, scope: Scope, status: int, data: Any, extra: dict[
         "headers": [
             (b"content-type", b"application/json; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
-            *_security_headers(scope),
+            *security_headers(scope),
             *((k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()),
         ],
     }
@@ -250,7 +250,7 @@ async def _answer(send: Send, scope: Scope, status: int, data: Any, extra: dict[
     await send({"type": "http.response.body", "body": body})
 
 
-def _security_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+def security_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     """What Django's SecurityMiddleware and XFrameOptionsMiddleware add to an API answer."""
     out: list[tuple[bytes, bytes]] = []
     if settings.SECURE_HSTS_SECONDS and scope.get("scheme") == "https":

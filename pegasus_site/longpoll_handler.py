@@ -39,5 +39,17 @@ class LongPollRouter:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and RECEIVE_PATH.match(scope.get("path", "")):
-            return await self.bare(scope, receive, send)
+            return await self.bare(scope, receive, _with_security_headers(scope, send))
         return await self.app(scope, receive, send)  # type: ignore[no-any-return]
+
+
+def _with_security_headers(scope: Any, send: Any) -> Any:
+    """The headers the skipped SecurityMiddleware and XFrameOptionsMiddleware would have added."""
+    from pegasus_site.express import security_headers
+
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *security_headers(scope)]}
+        await send(message)
+
+    return sending
