@@ -18,13 +18,20 @@ from messaging.doorbell import doorbell
 CHANNEL = "pegasus_queues"
 
 
-def notify_on_commit(queue_ids: Iterable[int]) -> None:
+def payload(queue_ids: Iterable[int]) -> str:
+    """The notification's text: the queue ids, sorted, comma-separated (messaging/listener.py)."""
+    return ",".join(map(str, sorted(set(queue_ids))))
+
+
+def notify_on_commit(queue_ids: Iterable[int], *, pg_notified: bool = False) -> None:
+    """`pg_notified`: the caller's own statement already ran pg_notify(CHANNEL, payload(ids))
+    in this transaction (the bulk publish does: a round trip fewer per publish)."""
     ids = sorted(set(queue_ids))
     if not ids:
         return
-    if connection.vendor == "postgresql":
+    if connection.vendor == "postgresql" and not pg_notified:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, ",".join(map(str, ids))])
+            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload(ids)])
     # A push consumer of this process waiting on one of these queues gets its messages claimed
     # in this transaction and pushed when it commits (messaging/push.py, hand_off); the ring
     # would only make it look again for nothing.

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from django.db import connection
 
-from messaging import filters
+from messaging import events, filters
 from messaging.broker.common import OutgoingMessage, Store
 
 # One statement inserts the messages and their deliveries. The batch travels as ONE json
@@ -46,8 +46,10 @@ WITH u AS (
   SELECT n.id, target.q, %(state)s, u.p, %(now)s + make_interval(secs => u.d), n.expires_at, 0, '',
          %(transaction)s, ''
   FROM u JOIN n ON n.ord = u.ord CROSS JOIN LATERAL unnest(u.q) AS target(q)
+), notified AS MATERIALIZED (
+  SELECT pg_notify(%(channel)s, %(notify)s) WHERE %(notify)s::text <> ''
 )
-SELECT id FROM n ORDER BY ord
+SELECT n.id FROM n LEFT JOIN notified ON true ORDER BY n.ord
 """
 
 
@@ -75,9 +77,12 @@ def insert_messages(
              "d": msg.delay_seconds, "t": msg.ttl_seconds or None, "q": queues}
         )  # fmt: skip
     sql = _PUBLISH_SQL.format(message=store.message._meta.db_table, delivery=store.delivery._meta.db_table)
+    # Outside a messaging transaction the waiting consumers of every process are notified by
+    # this same statement, delivered by PostgreSQL when it commits (messaging/events.py).
+    notify = events.payload(routed) if transaction_id is None else ""
     params = {
         "batch": json.dumps(batch, separators=(",", ":")), "destination": destination, "now": now,
-        "state": state, "transaction": transaction_id,
+        "state": state, "transaction": transaction_id, "channel": events.CHANNEL, "notify": notify,
     }  # fmt: skip
     with server_cursor() as cursor:
         cursor.execute(sql, params)

@@ -274,7 +274,7 @@ def _publish_bulk(
             results[i] = PublishResult(id=store.public_id(pk), duplicate=False)
     metrics.count_queues_on_commit(metrics.PUBLISHED, routed, broker_total=False)
     if transaction_id is None:
-        events.notify_on_commit(routed)
+        events.notify_on_commit(routed, pg_notified=True)  # bulk.insert_messages ran pg_notify
     return results  # type: ignore[return-value]
 
 

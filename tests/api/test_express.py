@@ -36,6 +36,26 @@ def servers(django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: Any)
     yield express, plain
     express.close()
     plain.close()
+    with django_db_blocker.unblock():
+        _wait_until_their_connections_are_gone()
+
+
+def _wait_until_their_connections_are_gone() -> None:
+    """The servers' LISTEN connections end a moment after the servers do; later tests count them."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pegasus-listener' "
+                "AND datname = current_database()"
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+        time.sleep(0.05)
 
 
 def _normal(value: Any) -> Any:
