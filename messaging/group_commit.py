@@ -16,6 +16,7 @@ of its own (see _ROUND_THREAD); the connection goes back to the pool after it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,12 +37,18 @@ MAX_ROUND_MESSAGES = 5000
 
 @dataclass(frozen=True)
 class Publish:
-    """One publish as an interface received it; access is checked inside the round."""
+    """One publish as an interface received it; access is checked inside the round.
+
+    `ordered`: it must be committed after every publish that reached the committer before it
+    (a WebSocket or STOMP connection pipelining its publishes). A REST request is answered
+    before its client sends the next one, so its publishes are not ordered and may go in a
+    round that runs beside another."""
 
     user: Any
     kind: access.Kind
     name: str
     messages: Sequence[broker.OutgoingMessage]
+    ordered: bool = True
 
 
 @dataclass
@@ -50,39 +57,64 @@ class _Pending:
     future: asyncio.Future[list[broker.PublishResult]]
 
 
+# Rounds in flight at once. While one waits for its commit's WAL flush, the next one inserts
+# (PostgreSQL flushes concurrent commits together). Ordered publishes still never overlap: at
+# most one round holding any of them is in flight, so a connection's publishes commit in order.
+MAX_ROUNDS_IN_FLIGHT = int(os.environ.get("PEGASUS_GROUP_COMMIT_ROUNDS", "2"))
+
+
 class GroupCommitter:
     """Publishes for one event loop, sent to the database in rounds."""
 
     def __init__(self) -> None:
         self._pending: list[_Pending] = []
-        self._running = False
-        self._task: asyncio.Future[None] | None = None  # kept: the loop holds tasks only weakly
+        self._in_flight = 0
+        self._ordered_in_flight = False
+        self._tasks: set[asyncio.Future[None]] = set()  # kept: the loop holds tasks only weakly
 
     async def publish(self, publish: Publish) -> list[broker.PublishResult]:
         future: asyncio.Future[list[broker.PublishResult]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(publish, future))
-        if not self._running:
-            self._running = True
-            self._task = asyncio.ensure_future(self._run())
+        self._start_rounds()
         # shield: a client that goes away must not cancel the round its publish is part of.
         return await asyncio.shield(future)
 
-    async def _run(self) -> None:
-        try:
-            while self._pending:
-                round_ = self._take_round()
-                await self._commit(round_)
-        finally:
-            self._running = False
+    def _start_rounds(self) -> None:
+        while self._pending and self._in_flight < MAX_ROUNDS_IN_FLIGHT:
+            round_ = self._take_round(unordered_only=self._ordered_in_flight)
+            if not round_:
+                return
+            ordered = any(p.publish.ordered for p in round_)
+            self._in_flight += 1
+            self._ordered_in_flight |= ordered
+            task = asyncio.ensure_future(self._commit(round_))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._round_done, ordered=ordered))
 
-    def _take_round(self) -> list[_Pending]:
-        taken, count = 0, 0
-        for pending in self._pending:
-            if taken and count + len(pending.publish.messages) > MAX_ROUND_MESSAGES:
+    def _round_done(self, task: asyncio.Future[None], *, ordered: bool) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        if ordered:
+            self._ordered_in_flight = False
+        self._start_rounds()
+
+    def _take_round(self, *, unordered_only: bool) -> list[_Pending]:
+        """The next round, in arrival order; with `unordered_only`, ordered publishes wait (all
+        of them: one that went ahead of an earlier one of its connection would break its order)."""
+        round_: list[_Pending] = []
+        left: list[_Pending] = []
+        count = 0
+        for i, pending in enumerate(self._pending):
+            size = len(pending.publish.messages)
+            if unordered_only and pending.publish.ordered:
+                left.append(pending)
+                continue
+            if round_ and count + size > MAX_ROUND_MESSAGES:  # full: the rest wait, in order
+                left += self._pending[i:]
                 break
-            taken += 1
-            count += len(pending.publish.messages)
-        round_, self._pending = self._pending[:taken], self._pending[taken:]
+            round_.append(pending)
+            count += size
+        self._pending = left
         return round_
 
     async def _commit(self, round_: list[_Pending]) -> None:
@@ -99,11 +131,11 @@ class GroupCommitter:
                 pending.future.set_result(outcome)
 
 
-# Rounds run on a thread of their own, not on the one thread that runs every other
+# Rounds run on threads of their own, not on the one thread that runs every other
 # thread-sensitive hop of the process: channels makes a hop (aclose_old_connections) before each
 # WebSocket frame, and requests make their own, so a round waiting for its commit there would
 # stop every connection from reading its next frame, which is exactly what a round should collect.
-_ROUND_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pegasus-group-commit")
+_ROUND_THREAD = ThreadPoolExecutor(max_workers=MAX_ROUNDS_IN_FLIGHT, thread_name_prefix="pegasus-group-commit")
 
 
 # The test suite turns this off (tests/conftest.py): a test's transaction lives on the test's
@@ -177,7 +209,7 @@ _committers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommitter
 
 
 async def publish(
-    *, user: Any, kind: access.Kind, name: str, messages: Sequence[broker.OutgoingMessage]
+    *, user: Any, kind: access.Kind, name: str, messages: Sequence[broker.OutgoingMessage], ordered: bool = True
 ) -> list[broker.PublishResult]:
     """Publish `messages` to the queue or topic `name` as `user` (send access is checked in the
     round), committed together with the publishes around it. Same contract as `broker.publish`
@@ -186,4 +218,4 @@ async def publish(
     committer = _committers.get(loop)
     if committer is None:
         committer = _committers[loop] = GroupCommitter()
-    return await committer.publish(Publish(user=user, kind=kind, name=name, messages=messages))
+    return await committer.publish(Publish(user=user, kind=kind, name=name, messages=messages, ordered=ordered))

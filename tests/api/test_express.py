@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from asgiref.sync import async_to_sync
 
 from messaging import broker
 from pegasus_site.express import ExpressLane
@@ -250,24 +251,21 @@ async def _call(lane: ExpressLane, path: str, body: bytes, token: str | None, ho
         ("/api/v1/queues/lane/purge", b"", False),
     ],
 )
-async def test_lane__serves_the_hot_routes_and_hands_on_the_rest(
+def test_lane__serves_the_hot_routes_and_hands_on_the_rest(
     alice: Any, token_for: Any, path: str, body: bytes, served_here: bool
 ):
-    from asgiref.sync import sync_to_async
-
-    await sync_to_async(broker.create_queue)(name="lane")
-    token = await sync_to_async(token_for)(alice)
+    # Through async_to_sync, as Django's test client does: the lane's database hops then run in
+    # this thread, on the test's connection (messaging/longpoll.py `hop`).
+    broker.create_queue(name="lane")
     downstream = Downstream()
-    status = await _call(ExpressLane(downstream, enabled=True), path, body, token)
+    status = async_to_sync(_call)(ExpressLane(downstream, enabled=True), path, body, token_for(alice))
     assert (downstream.calls == []) is served_here, status
     if not served_here:
         assert downstream.calls == [body]  # handed on with its body
 
 
-async def test_lane__a_disallowed_host_goes_to_django(alice: Any, token_for: Any):
-    from asgiref.sync import sync_to_async
-
-    token = await sync_to_async(token_for)(alice)
+def test_lane__a_disallowed_host_goes_to_django(alice: Any, token_for: Any):
     downstream = Downstream()
-    await _call(ExpressLane(downstream, enabled=True), "/api/v1/queues/x/messages", b"{}", token, b"evil.example")
+    lane = ExpressLane(downstream, enabled=True)
+    async_to_sync(_call)(lane, "/api/v1/queues/x/messages", b"{}", token_for(alice), b"evil.example")
     assert len(downstream.calls) == 1

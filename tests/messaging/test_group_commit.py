@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
@@ -77,5 +78,57 @@ def test_take_round__caps_the_messages_per_round():
     committer = group_commit.GroupCommitter()
     big = group_commit.Publish(user=None, kind=Kind.QUEUE, name="q", messages=_msgs(*["x"] * 3000))
     committer._pending = [group_commit._Pending(big, None) for _ in range(3)]  # type: ignore[arg-type]
-    assert len(committer._take_round()) == 1
+    assert len(committer._take_round(unordered_only=False)) == 1
     assert len(committer._pending) == 2
+
+
+def _pending(name: str, *, ordered: bool, size: int = 1) -> Any:
+    publish = group_commit.Publish(
+        user=None, kind=Kind.QUEUE, name=name, messages=_msgs(*["x"] * size), ordered=ordered
+    )
+    return group_commit._Pending(publish, None)  # type: ignore[arg-type]
+
+
+def test_take_round__beside_an_ordered_round_only_unordered_publishes_go():
+    committer = group_commit.GroupCommitter()
+    committer._pending = [_pending("a1", ordered=True), _pending("r1", ordered=False), _pending("a2", ordered=True)]
+    assert [p.publish.name for p in committer._take_round(unordered_only=True)] == ["r1"]
+    assert [p.publish.name for p in committer._pending] == ["a1", "a2"]  # still in their order
+
+
+def test_take_round__a_full_round_leaves_the_rest_in_order():
+    committer = group_commit.GroupCommitter()
+    committer._pending = [
+        _pending("a1", ordered=True, size=4000),
+        _pending("a2", ordered=True, size=2000),
+        _pending("a3", ordered=True),
+    ]
+    assert [p.publish.name for p in committer._take_round(unordered_only=False)] == ["a1"]
+    assert [p.publish.name for p in committer._pending] == ["a2", "a3"]  # a3 would fit, but waits for a2
+
+
+async def test_rounds__ordered_publishes_never_overlap(monkeypatch, admin):
+    """Up to MAX_ROUNDS_IN_FLIGHT rounds run at once, but never two holding ordered publishes."""
+    running: list[bool] = []
+    overlaps: list[int] = []
+    in_flight: list[int] = []
+
+    async def fake_commit(self: Any, round_: list[Any]) -> None:
+        ordered = any(p.publish.ordered for p in round_)
+        running.append(ordered)
+        overlaps.append(sum(running))
+        in_flight.append(len(running))
+        await asyncio.sleep(0.01)
+        running.remove(ordered)
+        for p in round_:
+            p.future.set_result([])
+
+    monkeypatch.setattr(group_commit.GroupCommitter, "_commit", fake_commit)
+    committer = group_commit.GroupCommitter()
+    publishes = [
+        group_commit.Publish(user=admin, kind=Kind.QUEUE, name="q", messages=_msgs("x"), ordered=i % 2 == 0)
+        for i in range(40)
+    ]
+    await asyncio.gather(*(committer.publish(p) for p in publishes))
+    assert max(overlaps) <= 1  # at most one round with ordered publishes at any moment
+    assert max(in_flight) == group_commit.MAX_ROUNDS_IN_FLIGHT  # but rounds did run side by side
