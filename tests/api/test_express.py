@@ -269,3 +269,22 @@ def test_lane__a_disallowed_host_goes_to_django(alice: Any, token_for: Any):
     lane = ExpressLane(downstream, enabled=True)
     async_to_sync(_call)(lane, "/api/v1/queues/x/messages", b"{}", token_for(alice), b"evil.example")
     assert len(downstream.calls) == 1
+
+
+def test_queue_deleted_by_another_process__publish_looks_again(
+    servers: tuple[Server, Server], alice: Any, token_for: Any
+):
+    """The server remembers a queue row for a second (broker.get_queue(recent_ok=True)); a publish
+    to a queue deleted or re-created meanwhile elsewhere still gets the answer of a fresh lookup."""
+    from messaging.models import Delivery
+
+    token, server = token_for(alice), servers[0]
+    queue, _ = broker.create_queue(name="q-gone")
+    assert _send(server, "POST", "/queues/q-gone/messages", token, {"body": "1"}).status_code == 201  # now remembered
+    broker.delete_queue(queue=queue)  # in this process, not the server's
+    r = _send(server, "POST", "/queues/q-gone/messages", token, {"body": "2"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "queue_not_found"
+    again, _ = broker.create_queue(name="q-gone")
+    r = _send(server, "POST", "/queues/q-gone/messages", token, {"body": "3"})
+    assert r.status_code == 201
+    assert list(Delivery.objects.filter(queue=again).values_list("message__body", flat=True)) == ["3"]
