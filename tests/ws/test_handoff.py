@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import transaction
+from django.db import connection, transaction
 from websockets.sync.client import ClientConnection, connect
 
 from messaging import broker, push
@@ -86,7 +86,7 @@ def test_prefetch_limits_what_a_hand_off_claims(ws: ClientConnection, queue_fact
 
 
 async def test_a_rolled_back_hand_off_changes_nothing_and_the_pusher_waits_again(queue_factory: Any) -> None:
-    queue = await sync_to_async(queue_factory)("handoff")
+    queue = await _in_thread(queue_factory)("handoff")
     pushed: list[broker.ReceivedMessage] = []
 
     async def deliver(_: push.Pusher, messages: Sequence[broker.ReceivedMessage]) -> None:
@@ -104,20 +104,31 @@ async def test_a_rolled_back_hand_off_changes_nothing_and_the_pusher_waits_again
                 raise RuntimeError("roll back")
 
         with pytest.raises(RuntimeError):
-            await sync_to_async(publish_then_fail, thread_sensitive=False)()
+            await _in_thread(publish_then_fail)()
         await _until(lambda: queue.pk in push._TAKEABLE)  # told of the rollback: takeable again
         assert pushed == [] and pusher.unacked == {}
-        assert not await sync_to_async(Delivery.objects.exists)()
+        assert not await _in_thread(Delivery.objects.exists)()
 
-        published = await sync_to_async(broker.publish, thread_sensitive=False)(
-            queue=queue, messages=[broker.OutgoingMessage(body="kept")]
-        )
+        published = await _in_thread(broker.publish)(queue=queue, messages=[broker.OutgoingMessage(body="kept")])
         await _until(lambda: bool(pushed))
         assert [m.id for m in pushed] == [published[0].id] and list(pusher.unacked) == [pushed[0].receipt]
     finally:
         await pusher.stop()
         with contextlib.suppress(Exception):
-            await sync_to_async(broker.nack, thread_sensitive=False)(receipts=list(pusher.unacked))
+            await _in_thread(broker.nack)(receipts=list(pusher.unacked))
+
+
+def _in_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` on a worker thread that closes its database connection afterwards (or the test
+    database could not be dropped at the end of the session)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connection.close()
+
+    return sync_to_async(run, thread_sensitive=False)
 
 
 async def _until(check: Callable[[], bool]) -> None:
