@@ -57,18 +57,7 @@ def receive(
     """
     vt = _receive_args(queue, max_messages, visibility_timeout_seconds)
     with transaction.atomic():
-        _commit_without_flush()
         return _receive_locked(queue, max_messages, vt)
-
-
-def _commit_without_flush() -> None:
-    """A receive's commit need not wait for its WAL flush (PostgreSQL). What it writes is a lease
-    (and the delivery count); lost in a crash, the message is simply deliverable again at once,
-    as when a lease expires, which at-least-once delivery allows. Messages and acks are still
-    flushed before they are confirmed: this is set for the receive's own transaction only."""
-    if connection.vendor == "postgresql":
-        with bulk.server_cursor() as cursor:
-            cursor.execute("SET LOCAL synchronous_commit = off")
 
 
 def ack_and_receive(
