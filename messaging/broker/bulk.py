@@ -105,53 +105,62 @@ def server_cursor() -> Iterator[psycopg.Cursor[Any]]:
 
 # --------------------------------------------------------------------------- receive
 
-# Lock the best `limit` deliverable rows of each store (skipping rows other consumers hold).
-_CHOOSE_SQL = """
-WITH d AS (
-  SELECT id, priority, visible_at FROM {durable}
-  WHERE queue_id = %s AND state = 1 AND visible_at <= %s AND (expires_at IS NULL OR expires_at > %s)
-  ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED
-), t AS (
-  SELECT id, priority, visible_at FROM {transient}
-  WHERE queue_id = %s AND state = 1 AND visible_at <= %s AND (expires_at IS NULL OR expires_at > %s)
-  ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED
-)
-SELECT 0, id, priority, visible_at FROM d UNION ALL SELECT 1, id, priority, visible_at FROM t
-"""
-
-# Lease the chosen rows of one store and read them with their messages, in one round trip.
-_LEASE_SQL = """
-WITH u AS (
-  UPDATE {delivery} SET state = 2, visible_at = %s, lease_token = %s, delivery_count = delivery_count + 1
-  WHERE id = ANY(%s)
-  RETURNING id, message_id, delivery_count, lease_token, dead_letter_reason, origin_queue_id
-)
-SELECT u.id, u.delivery_count, u.lease_token, u.dead_letter_reason, u.origin_queue_id,
-       m.id, m.body, m.content_type, m.headers, m.priority, m.published_at, m.expires_at
-FROM u JOIN {message} m ON m.id = u.message_id
-"""
-
 LeasedRow = tuple[int, int, str, str, "int | None", int, str, str, Any, int, datetime, "datetime | None"]
 
 
-def choose(
-    *, stores: Sequence[Store], queue_id: int, limit: int, now: datetime
-) -> list[tuple[int, int, int, datetime]]:
-    """Lock up to `limit` deliverable rows per store: (store index, pk, priority, visible_at)."""
+# choose + lease in ONE statement: lock the best `limit` deliverable rows of each store (skipping
+# rows other consumers hold), keep the best `limit` across both (priority, then visible_at,
+# durable first, then id: the order _choose sorts by), lease them and read their messages.
+_CLAIM_SQL = """
+WITH d AS (
+  SELECT 0 AS s, id, priority, visible_at FROM {durable}
+  WHERE queue_id = %(queue)s AND state = 1 AND visible_at <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
+  ORDER BY priority DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), t AS (
+  SELECT 1 AS s, id, priority, visible_at FROM {transient}
+  WHERE queue_id = %(queue)s AND state = 1 AND visible_at <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
+  ORDER BY priority DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), chosen AS (
+  SELECT * FROM (SELECT * FROM d UNION ALL SELECT * FROM t) AS c
+  ORDER BY priority DESC, visible_at, s, id LIMIT %(limit)s
+), ud AS (
+  UPDATE {durable} SET state = 2, visible_at = %(deadline)s, lease_token = %(token)s,
+                       delivery_count = delivery_count + 1
+  WHERE id IN (SELECT id FROM chosen WHERE s = 0)
+  RETURNING id, message_id, delivery_count, lease_token, dead_letter_reason, origin_queue_id
+), ut AS (
+  UPDATE {transient} SET state = 2, visible_at = %(deadline)s, lease_token = %(token)s,
+                         delivery_count = delivery_count + 1
+  WHERE id IN (SELECT id FROM chosen WHERE s = 1)
+  RETURNING id, message_id, delivery_count, lease_token, dead_letter_reason, origin_queue_id
+)
+SELECT c.s, u.id AS delivery, u.delivery_count, u.lease_token, u.dead_letter_reason, u.origin_queue_id,
+       m.id, m.body, m.content_type, m.headers, m.priority, m.published_at, m.expires_at,
+       c.priority AS chosen_priority, c.visible_at AS chosen_visible_at
+FROM ud u JOIN {durable_message} m ON m.id = u.message_id JOIN chosen c ON c.s = 0 AND c.id = u.id
+UNION ALL
+SELECT c.s, u.id, u.delivery_count, u.lease_token, u.dead_letter_reason, u.origin_queue_id,
+       m.id, m.body, m.content_type, m.headers, m.priority, m.published_at, m.expires_at,
+       c.priority, c.visible_at
+FROM ut u JOIN {transient_message} m ON m.id = u.message_id JOIN chosen c ON c.s = 1 AND c.id = u.id
+ORDER BY chosen_priority DESC, chosen_visible_at, s, delivery
+"""
+
+
+def claim(
+    *, stores: Sequence[Store], queue_id: int, limit: int, now: datetime, deadline: datetime, token: str
+) -> list[tuple[int, LeasedRow]]:
+    """Choose and lease up to `limit` messages of the queue in one round trip: (store index,
+    the row `lease` would give) in delivery order."""
     durable, transient = stores
-    sql = _CHOOSE_SQL.format(durable=durable.delivery._meta.db_table, transient=transient.delivery._meta.db_table)
+    sql = _CLAIM_SQL.format(
+        durable=durable.delivery._meta.db_table, transient=transient.delivery._meta.db_table,
+        durable_message=durable.message._meta.db_table, transient_message=transient.message._meta.db_table,
+    )  # fmt: skip
+    params = {"queue": queue_id, "now": now, "limit": limit, "deadline": deadline, "token": token}
     with server_cursor() as cursor:
-        cursor.execute(sql, [queue_id, now, now, limit] * 2)
-        return [(int(s), int(pk), int(p), v) for s, pk, p, v in cursor.fetchall()]
-
-
-def lease(*, store: Store, ids: list[int], deadline: datetime, token: str) -> list[LeasedRow]:
-    """Lease rows already locked by `choose`; each row with its message's columns."""
-    sql = _LEASE_SQL.format(delivery=store.delivery._meta.db_table, message=store.message._meta.db_table)
-    with server_cursor() as cursor:
-        cursor.execute(sql, [deadline, token, ids])
-        rows: list[LeasedRow] = cursor.fetchall()
-    return rows
+        cursor.execute(sql, params)
+        return [(int(row[0]), tuple(row[1:13])) for row in cursor.fetchall()]
 
 
 def json_value(value: Any) -> Any:

@@ -100,9 +100,16 @@ def _receive_locked(queue: Queue, max_messages: int, vt: int) -> list[ReceivedMe
     if _ttl_sweep_due(queue, now):
         for store in STORES:
             _expire_messages(store, queue, now)
+    deadline = now + timedelta(seconds=vt)
+    if connection.vendor == "postgresql":  # choose and lease in one round trip (broker/bulk.py)
+        rows = bulk.claim(
+            stores=STORES, queue_id=queue.pk, limit=max_messages, now=now, deadline=deadline, token=secrets.token_hex(8)
+        )
+        metrics.count_queues_on_commit(metrics.DELIVERED, {queue.pk: len(rows)})
+        return [_render_leased(STORES[store], queue, row) for store, row in rows]
     chosen = _choose(queue, max_messages, now)
     metrics.count_queues_on_commit(metrics.DELIVERED, {queue.pk: len(chosen)})
-    return _lease(queue, chosen, now + timedelta(seconds=vt))
+    return _lease(queue, chosen, deadline)
 
 
 # Finding messages past their TTL scans every ready row of the queue (no index leads with
@@ -129,13 +136,11 @@ def _ready_now(store: Store, queue: Queue, now: datetime) -> QuerySet[Any]:
 
 
 def _choose(queue: Queue, limit: int, now: datetime) -> list[tuple[Store, int]]:
-    """Lock up to `limit` deliverable rows per store (skipping rows other consumers hold), then
-    keep the best `limit` across both stores."""
+    """SQLite (on PostgreSQL bulk.claim does _choose and _lease in one statement). Lock up to
+    `limit` deliverable rows per store (skipping rows other consumers hold), then keep the best
+    `limit` across both stores."""
     candidates: list[tuple[int, datetime, int, Store, int]] = []
-    if connection.vendor == "postgresql":  # both stores in one round trip (broker/bulk.py)
-        locked = bulk.choose(stores=STORES, queue_id=queue.pk, limit=limit, now=now)
-        candidates = [(-priority, visible_at, order, STORES[order], pk) for order, pk, priority, visible_at in locked]
-    for order, store in enumerate(STORES if connection.vendor != "postgresql" else ()):
+    for order, store in enumerate(STORES):
         rows = (
             _ready_now(store, queue, now)
             .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
@@ -154,12 +159,6 @@ def _lease(queue: Queue, chosen: list[tuple[Store, int]], deadline: datetime) ->
     for store in STORES:
         ids = [pk for s, pk in chosen if s is store]
         if not ids:
-            continue
-        if connection.vendor == "postgresql":  # lease and read in one round trip (broker/bulk.py)
-            received += [
-                _render_leased(store, queue, row)
-                for row in bulk.lease(store=store, ids=ids, deadline=deadline, token=token)
-            ]
             continue
         store.deliveries().filter(pk__in=ids).update(
             state=State.LEASED, visible_at=deadline, lease_token=token, delivery_count=F("delivery_count") + 1
@@ -195,7 +194,7 @@ def _render(store: Store, queue: Queue, row: Any) -> ReceivedMessage:
 
 
 def _render_leased(store: Store, queue: Queue, row: bulk.LeasedRow) -> ReceivedMessage:
-    """_render for a row of bulk.lease: (delivery pk, delivery_count, lease_token, dead_letter_reason,
+    """_render for a row of bulk.claim: (delivery pk, delivery_count, lease_token, dead_letter_reason,
     origin_queue_id, message pk, body, content_type, headers, priority, published_at, expires_at)."""
     pk, count, token, reason, origin_id, msg_pk, body, content_type, headers, priority, published, expires = row
     headers = dict(bulk.json_value(headers))
