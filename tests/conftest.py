@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +18,31 @@ os.environ.setdefault("PEGASUS_BRIDGES_RUNNER", "off")
 # Group commit rounds run in the thread-sensitive hop, where a test's transaction is visible
 # (messaging/group_commit.py; tests/messaging/test_group_commit.py covers the own-thread mode).
 os.environ.setdefault("PEGASUS_GROUP_COMMIT_THREAD", "0")
+
+
+def _flush_retrying_deadlocks() -> None:
+    """A transactional test ends by TRUNCATEing every table. The daphne servers some tests start
+    keep running their own housekeeping (lease expiry, token checks, rate flushes), and on
+    PostgreSQL such a query can deadlock with the TRUNCATE's table locks; PostgreSQL then aborts
+    one of the two. When it picks the TRUNCATE, try it again rather than fail the next test."""
+    from django.test import TransactionTestCase
+
+    teardown = TransactionTestCase._fixture_teardown  # type: ignore[attr-defined]
+
+    def retrying(self: Any) -> None:
+        for attempt in range(5):
+            try:
+                teardown(self)
+                return
+            except Exception as exc:
+                if "deadlock detected" not in f"{exc} {exc.__cause__}" or attempt == 4:
+                    raise
+                time.sleep(0.2)
+
+    TransactionTestCase._fixture_teardown = retrying  # type: ignore[attr-defined]
+
+
+_flush_retrying_deadlocks()
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
