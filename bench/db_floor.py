@@ -1,0 +1,75 @@
+"""The database's share of a publish: `python -m bench.db_floor` (after `make bench`, which
+leaves its database behind).
+
+Runs Pegasus's own publish SQL (messaging/broker/bulk.py) in-process against the bench
+database, 100 messages of 256 bytes per transaction, without HTTP, daphne or group commit, and
+prints the wall time and client CPU per batch for the durable and the non-durable store, and
+for broker.publish (the same plus validation and bookkeeping). This is the floor a REST batch
+publish cannot go under in this design (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pegasus_site.settings")
+os.environ["PEGASUS_DB_POOL"] = "0"
+
+from bench.common import BODY
+from bench.server import bench_url
+
+os.environ["DATABASE_URL"] = bench_url()
+
+import django
+
+django.setup()
+
+from django.db import transaction  # noqa: E402
+
+from messaging import broker, clock  # noqa: E402
+from messaging.broker import DURABLE, TRANSIENT, bulk  # noqa: E402
+
+ROUNDS = 200
+
+
+def measure(label: str, fn: Callable[[], object]) -> float:
+    fn()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(ROUNDS):
+        fn()
+    wall_ms = (time.perf_counter() - wall) / ROUNDS * 1000
+    cpu_ms = (time.process_time() - cpu) / ROUNDS * 1000
+    print(f"{label:<48} {wall_ms:6.2f} ms wall  {cpu_ms:5.2f} ms client CPU  ({100_000 / wall_ms:,.0f} msg/s)")
+    return wall_ms
+
+
+def main() -> None:
+    queue, _ = broker.create_queue(name="db-floor")
+    for store in (DURABLE, TRANSIENT):
+        durable = store is DURABLE
+        messages = [broker.OutgoingMessage(body=BODY, durable=durable) for _ in range(100)]
+
+        def insert(store: broker.Store = store, messages: list[broker.OutgoingMessage] = messages) -> None:
+            with transaction.atomic():
+                bulk.insert_messages(
+                    store=store, destination="queue:db-floor", targets=[queue], messages=messages,
+                    state=1, transaction_id=None, now=clock.now(),
+                )  # fmt: skip
+
+        kind = "durable" if durable else "non-durable"
+        measure(f"{kind}: INSERT statement + COMMIT, 100 messages", insert)
+
+        def publish(messages: list[broker.OutgoingMessage] = messages) -> None:
+            broker.publish(queue=queue, messages=messages)
+
+        measure(f"{kind}: broker.publish, 100 messages", publish)
+    broker.delete_queue(queue=queue)
+
+
+if __name__ == "__main__":
+    main()
