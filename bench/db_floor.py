@@ -3,9 +3,10 @@ leaves its database behind).
 
 Runs Pegasus's own publish SQL (messaging/broker/bulk.py) in-process against the bench
 database, 100 messages of 256 bytes per transaction, without HTTP, daphne or group commit, and
-prints the wall time and client CPU per batch for the durable and the non-durable store, and
-for broker.publish (the same plus validation and bookkeeping). This is the floor a REST batch
-publish cannot go under in this design (docs/performance.md).
+prints the wall time and client CPU per batch for the durable and the non-durable store, for
+broker.publish (the same plus validation and bookkeeping), and for a receive + ack of 100.
+These are the floors a REST batch publish or consume cannot go under in this design
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def main() -> None:
             broker.publish(queue=queue, messages=messages)
 
         measure(f"{kind}: broker.publish, 100 messages", publish)
+    # Consume: a receive of 100 (a lease, committed) and the ack of those 100 (committed).
+    fill = [broker.OutgoingMessage(body=BODY) for _ in range(1000)]
+    for _ in range(ROUNDS + 1):
+        broker.publish(queue=queue, messages=fill[:100])
+
+    def consume() -> None:
+        got = broker.receive(queue=queue, max_messages=100)
+        broker.ack(receipts=[m.receipt for m in got])
+
+    measure("durable: receive 100 + ack 100, two commits", consume)
     broker.delete_queue(queue=queue)
 
 
