@@ -156,6 +156,8 @@ def chart(path: Path, results: list[Result], title: str) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in results if r.rate and "p50_ms" not in r.extra]
+    if not shown:  # a partial run of, say, the latency stage alone: nothing to draw
+        return
     colors = {"postgres": "#336791", "rabbitmq": "#ff6600", "pegasus": "#2ca02c"}
     fig, ax = plt.subplots(figsize=(10, 0.38 * len(shown) + 1.6))
     labels = [f"{r.system}: {r.name}" for r in shown]
