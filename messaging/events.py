@@ -18,6 +18,26 @@ from messaging.doorbell import doorbell
 CHANNEL = "pegasus_queues"
 
 
+# PostgreSQL backend pids of this process's connections that have sent notifications. The
+# listener skips notifications from them: this process rang its own doorbell when it committed
+# (on_commit below), and a second ring would only make its pushers look again for nothing.
+# (A pid PostgreSQL reuses for another process's connection would make this process miss that
+# ring: its waiters then look at their next recheck, within a second; nothing is lost.)
+_own_backends: set[int] = set()
+
+
+def remember_sender() -> None:
+    """This connection sends notifications from this process (PostgreSQL)."""
+    if connection.vendor == "postgresql" and connection.connection is not None:
+        if len(_own_backends) > 1000:  # connections come and go: forget old pids now and then
+            _own_backends.clear()
+        _own_backends.add(connection.connection.info.backend_pid)
+
+
+def sent_here(pid: int) -> bool:
+    return pid in _own_backends
+
+
 def payload(queue_ids: Iterable[int]) -> str:
     """The notification's text: the queue ids, sorted, comma-separated (messaging/listener.py)."""
     return ",".join(map(str, sorted(set(queue_ids))))
@@ -29,9 +49,11 @@ def notify_on_commit(queue_ids: Iterable[int], *, pg_notified: bool = False) -> 
     ids = sorted(set(queue_ids))
     if not ids:
         return
-    if connection.vendor == "postgresql" and not pg_notified:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload(ids)])
+    if connection.vendor == "postgresql":
+        if not pg_notified:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload(ids)])
+        remember_sender()
     # A push consumer of this process waiting on one of these queues gets its messages claimed
     # in this transaction and pushed when it commits (messaging/push.py, hand_off); the ring
     # would only make it look again for nothing.

@@ -32,6 +32,7 @@ from django.db import connections
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from messaging import events
 from messaging.doorbell import doorbell
 from messaging.events import CHANNEL
 
@@ -171,7 +172,8 @@ class Listener:
     async def _pump(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
             async for note in conn.notifies(timeout=KEEPALIVE_SECONDS):
-                doorbell.ring(parse_payload(note.payload))
+                if not events.sent_here(note.pid):  # ours were rung on commit (events.py)
+                    doorbell.ring(parse_payload(note.payload))
             # Quiet for a while: prove the connection still works, so a dead one gets replaced.
             await asyncio.wait_for(conn.execute("SELECT 1"), KEEPALIVE_SECONDS)
 

@@ -8,9 +8,16 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import connection
 
-from messaging import listener
+from messaging import events, listener
 from messaging.doorbell import doorbell
 from messaging.events import CHANNEL
+
+
+@pytest.fixture(autouse=True)
+def _no_own_senders() -> None:
+    """Earlier tests' publishes made their connections this process's own senders, whose
+    notifications the listener skips (messaging/events.py); these tests notify by hand."""
+    events._own_backends.clear()
 
 
 def test_parse_payload__keeps_ids_and_ignores_junk():
@@ -81,3 +88,27 @@ def test_stop__closes_the_connection():
             "AND datname = current_database()"
         )
         assert cursor.fetchone()[0] == 0
+
+
+def _notify_as_this_process(payload: str) -> None:
+    connection.ensure_connection()
+    events.remember_sender()
+    _notify(payload)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+async def test_listener__skips_what_this_process_sent_but_rings_for_others():
+    """A notification from one of this process's connections was already rung on commit
+    (events.notify_on_commit); one from any other connection rings."""
+    listener.ensure_started()
+    assert await listener.wait_listening(10)
+    own = asyncio.ensure_future(doorbell.wait([616161], timeout=1))
+    await asyncio.sleep(0)
+    await database_sync_to_async(_notify_as_this_process)("616161")
+    assert not await own  # timed out: not rung
+    events._own_backends.clear()  # the same connection, now as if another process's
+    other = asyncio.ensure_future(doorbell.wait([616162], timeout=10))
+    await asyncio.sleep(0)
+    await database_sync_to_async(_notify)("616162")
+    assert await other
