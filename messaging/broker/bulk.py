@@ -111,14 +111,29 @@ LeasedRow = tuple[int, int, str, str, "int | None", int, str, str, Any, int, dat
 # choose + lease in ONE statement: lock the best `limit` deliverable rows of each store (skipping
 # rows other consumers hold), keep the best `limit` across both (priority, then visible_at,
 # durable first, then id: the order _choose sorts by), lease them and read their messages.
+#
+# The claim is gated on the queue having no expired leases (the `gate` CTE): those must go back
+# to the queue (or to the dead-letter queue) before anything is chosen, and that takes Python
+# (delivery._return_to_queue). When one exists, the statement claims nothing and returns a single
+# row with s = -1; the caller returns the leases and claims again without the gate. Folding the
+# check in saves receive a round trip on every call, when leases almost never expired.
 _CLAIM_SQL = """
-WITH d AS (
+WITH gate AS (
+  SELECT {gated} AND (
+    EXISTS (SELECT 1 FROM {durable} WHERE queue_id = %(queue)s AND state = 2 AND visible_at <= %(now)s
+            AND transaction_id IS NULL)
+    OR EXISTS (SELECT 1 FROM {transient} WHERE queue_id = %(queue)s AND state = 2 AND visible_at <= %(now)s
+               AND transaction_id IS NULL)
+  ) AS closed
+), d AS (
   SELECT 0 AS s, id, priority, visible_at FROM {durable}
   WHERE queue_id = %(queue)s AND state = 1 AND visible_at <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
+    AND NOT (SELECT closed FROM gate)
   ORDER BY priority DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), t AS (
   SELECT 1 AS s, id, priority, visible_at FROM {transient}
   WHERE queue_id = %(queue)s AND state = 1 AND visible_at <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
+    AND NOT (SELECT closed FROM gate)
   ORDER BY priority DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), chosen AS (
   SELECT * FROM (SELECT * FROM d UNION ALL SELECT * FROM t) AS c
@@ -143,24 +158,66 @@ SELECT c.s, u.id, u.delivery_count, u.lease_token, u.dead_letter_reason, u.origi
        m.id, m.body, m.content_type, m.headers, m.priority, m.published_at, m.expires_at,
        c.priority, c.visible_at
 FROM ut u JOIN {transient_message} m ON m.id = u.message_id JOIN chosen c ON c.s = 1 AND c.id = u.id
+UNION ALL
+SELECT -1, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM gate WHERE closed
 ORDER BY chosen_priority DESC, chosen_visible_at, s, delivery
 """
 
 
 def claim(
-    *, stores: Sequence[Store], queue_id: int, limit: int, now: datetime, deadline: datetime, token: str
-) -> list[tuple[int, LeasedRow]]:
+    *, stores: Sequence[Store], queue_id: int, limit: int, now: datetime, deadline: datetime, token: str, gated: bool
+) -> list[tuple[int, LeasedRow]] | None:
     """Choose and lease up to `limit` messages of the queue in one round trip: (store index,
-    the row `lease` would give) in delivery order."""
+    the row `lease` would give) in delivery order. With `gated`, None (and nothing claimed) if
+    the queue has an expired lease to return first."""
     durable, transient = stores
     sql = _CLAIM_SQL.format(
         durable=durable.delivery._meta.db_table, transient=transient.delivery._meta.db_table,
         durable_message=durable.message._meta.db_table, transient_message=transient.message._meta.db_table,
+        gated="true" if gated else "false",
     )  # fmt: skip
     params = {"queue": queue_id, "now": now, "limit": limit, "deadline": deadline, "token": token}
     with server_cursor() as cursor:
         cursor.execute(sql, params)
-        return [(int(row[0]), tuple(row[1:13])) for row in cursor.fetchall()]
+        rows = cursor.fetchall()
+    if rows and rows[0][0] == -1:
+        return None
+    return [(int(row[0]), tuple(row[1:13])) for row in rows]
+
+
+# --------------------------------------------------------------------------- ack
+
+# Lock the rows the receipts name (in id order) and ack those whose lease the receipt holds, in
+# ONE statement; it returns every locked row as it was before the ack, which is what the caller
+# decides each receipt's status on (delivery._holds_lease is the same test in Python).
+_ACK_SQL = """
+WITH held AS (
+  SELECT id, state, lease_token, transaction_id, visible_at, queue_id FROM {table}
+  WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE
+), acked AS (
+  UPDATE {table} AS target SET state = 3, visible_at = %(retain_until)s
+  FROM held JOIN unnest(%(ids)s::bigint[], %(tokens)s::text[]) AS r(id, token) ON r.id = held.id
+  WHERE target.id = held.id AND held.state = 2 AND held.lease_token = r.token
+    AND held.transaction_id IS NULL AND held.visible_at > %(now)s
+)
+SELECT id, state, lease_token, transaction_id, visible_at, queue_id FROM held
+"""
+
+
+def ack(
+    *, store: Store, receipts: Sequence[tuple[int, str]], now: datetime, retain_until: datetime
+) -> list[tuple[int, int, str, str | None, datetime, int]]:
+    """Ack the (pk, lease token) pairs of `store` that hold their lease; returns the rows as they
+    were, locked."""
+    sql = _ACK_SQL.format(table=store.delivery._meta.db_table)
+    params = {
+        "ids": [pk for pk, _ in receipts], "tokens": [token for _, token in receipts],
+        "now": now, "retain_until": retain_until,
+    }  # fmt: skip
+    with server_cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
 
 
 def json_value(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -96,17 +97,23 @@ def _receive_locked(queue: Queue, max_messages: int, vt: int) -> list[ReceivedMe
     _touch(queue)
     if queue.paused:
         return []
-    _expire_leases_all(queue, now)
     if _ttl_sweep_due(queue, now):
         for store in STORES:
             _expire_messages(store, queue, now)
     deadline = now + timedelta(seconds=vt)
-    if connection.vendor == "postgresql":  # choose and lease in one round trip (broker/bulk.py)
-        rows = bulk.claim(
-            stores=STORES, queue_id=queue.pk, limit=max_messages, now=now, deadline=deadline, token=secrets.token_hex(8)
-        )
+    if connection.vendor == "postgresql":  # check, choose and lease in one round trip (broker/bulk.py)
+        claim = functools.partial(
+            bulk.claim, stores=STORES, queue_id=queue.pk, limit=max_messages, now=now, deadline=deadline,
+            token=secrets.token_hex(8),
+        )  # fmt: skip
+        rows = claim(gated=True)
+        if rows is None:  # the queue has expired leases: return them first, then claim
+            _expire_leases_all(queue, now)
+            rows = claim(gated=False)
+            assert rows is not None
         metrics.count_queues_on_commit(metrics.DELIVERED, {queue.pk: len(rows)})
         return [_render_leased(STORES[store], queue, row) for store, row in rows]
+    _expire_leases_all(queue, now)
     chosen = _choose(queue, max_messages, now)
     metrics.count_queues_on_commit(metrics.DELIVERED, {queue.pk: len(chosen)})
     return _lease(queue, chosen, deadline)
@@ -362,9 +369,7 @@ def _lock_receipts(
 
     With `authorize`, every queue that a receipt validly names must pass it, or nothing is
     changed and PermissionDenied is raised (a receipt alone is not permission to consume)."""
-    if len(receipts) > 1000:
-        raise BatchTooLarge("At most 1000 receipts per request.")
-    parsed = [_parse_receipt(r) for r in receipts]
+    parsed = _parse_receipts(receipts)
     rows: dict[tuple[str, int], _Held] = {}
     for store in STORES:
         ids = sorted({p[1] for p in parsed if p is not None and p[0] is store})
@@ -384,12 +389,41 @@ def _lock_receipts(
             )
         for row in found:
             rows[(store.code, row[0])] = _Held(*row)
-    if authorize is not None and authorize is not ANY_QUEUE:
-        named = {row.queue_id for p in parsed if p and (row := rows.get((p[0].code, p[1]))) and row.lease_token == p[2]}
-        ids = sorted(named)
-        for queue in Queue.objects.raw(_QUEUES_BY_ID.format(", ".join(["%s"] * len(ids))), ids) if ids else ():
-            if not authorize(queue):
-                raise PermissionDenied(f"Not permitted to consume from {queue.label!r}.")
+    _authorize_held(parsed, rows, authorize)
+    return parsed, rows
+
+
+def _parse_receipts(receipts: Sequence[str]) -> list[tuple[Store, int, str] | None]:
+    if len(receipts) > 1000:
+        raise BatchTooLarge("At most 1000 receipts per request.")
+    return [_parse_receipt(r) for r in receipts]
+
+
+def _authorize_held(
+    parsed: list[tuple[Store, int, str] | None], rows: dict[tuple[str, int], _Held], authorize: Authorize | None
+) -> None:
+    """With `authorize`, every queue that a receipt validly names must pass it, or
+    PermissionDenied is raised (a receipt alone is not permission to consume)."""
+    if authorize is None or authorize is ANY_QUEUE:
+        return
+    named = {row.queue_id for p in parsed if p and (row := rows.get((p[0].code, p[1]))) and row.lease_token == p[2]}
+    ids = sorted(named)
+    for queue in Queue.objects.raw(_QUEUES_BY_ID.format(", ".join(["%s"] * len(ids))), ids) if ids else ():
+        if not authorize(queue):
+            raise PermissionDenied(f"Not permitted to consume from {queue.label!r}.")
+
+
+def _ack_held(
+    receipts: Sequence[str], now: datetime, retain_until: datetime
+) -> tuple[list[tuple[Store, int, str] | None], dict[tuple[str, int], _Held]]:
+    """PostgreSQL: _lock_receipts and the ack of every row whose lease its receipt holds, in one
+    statement per store (bulk.ack). Returns what _lock_receipts does: the rows as they were."""
+    parsed = _parse_receipts(receipts)
+    rows: dict[tuple[str, int], _Held] = {}
+    for store in STORES:
+        pairs = sorted({(p[1], p[2]) for p in parsed if p is not None and p[0] is store})
+        for row in bulk.ack(store=store, receipts=pairs, now=now, retain_until=retain_until) if pairs else ():
+            rows[(store.code, row[0])] = _Held(*row)
     return parsed, rows
 
 
@@ -421,9 +455,6 @@ def ack(
         return _ack_locked(receipts, transaction_id, user, authorize)
 
 
-_ACK_SQL = f"UPDATE {{table}} SET state = {State.ACKED.value}, visible_at = %s WHERE id = ANY(%s)"
-
-
 def _ack_locked(
     receipts: Sequence[str], transaction_id: str | None, user: Any, authorize: Authorize | None
 ) -> list[str]:
@@ -432,7 +463,11 @@ def _ack_locked(
     if transaction_id is not None:
         _lock_transaction(transaction_id, user=user, states=(TxState.OPEN,))
     now = clock.now()
-    parsed, rows = _lock_receipts(receipts, authorize)
+    if transaction_id is None and connection.vendor == "postgresql":
+        parsed, rows = _ack_held(receipts, now, now + retention)  # lock and ack in one statement
+        _authorize_held(parsed, rows, authorize)  # refused: the caller's atomic block undoes the ack
+    else:
+        parsed, rows = _lock_receipts(receipts, authorize)
     statuses: list[str] = []
     to_ack: dict[Store, list[int]] = {}
     for p in parsed:
@@ -454,10 +489,7 @@ def _ack_locked(
     for store, ids in to_ack.items():
         if transaction_id is not None:
             store.deliveries().filter(pk__in=ids).update(transaction_id=transaction_id)
-        elif connection.vendor == "postgresql":
-            with bulk.server_cursor() as cursor:
-                cursor.execute(_ACK_SQL.format(table=store.delivery._meta.db_table), [now + retention, ids])
-        else:
+        elif connection.vendor != "postgresql":  # on PostgreSQL _ack_held has acked them
             store.deliveries().filter(pk__in=ids).update(state=State.ACKED, visible_at=now + retention)
     return statuses
 

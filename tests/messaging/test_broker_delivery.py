@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from messaging import broker, clock, queries
+from messaging.exceptions import PermissionDenied
 
 pytestmark = pytest.mark.django_db
 
@@ -81,6 +82,61 @@ def test_extend__keeps_the_lease(queue_factory, publish):
     clock.advance(8)
     assert broker.receive(queue=q) == []
     assert broker.ack(receipts=[m.receipt]) == ["ok"]
+
+
+def test_ack__same_receipt_twice_in_one_call_is_ok_twice(queue_factory, publish):
+    q = queue_factory()
+    publish(q, "a", "b")
+    [m] = broker.receive(queue=q)
+    assert broker.ack(receipts=[m.receipt, m.receipt]) == ["ok", "ok"]
+    assert queries.queue_stats(q)["depth"] == 1
+
+
+def test_ack__refused_by_authorize_changes_nothing(queue_factory, publish):
+    # On PostgreSQL the ack is written by the same statement that locks the rows, before the
+    # authorization check: the refusal must undo it.
+    q = queue_factory()
+    publish(q, "a")
+    [m] = broker.receive(queue=q)
+    with pytest.raises(PermissionDenied):
+        broker.ack(receipts=[m.receipt], authorize=lambda queue: False)
+    assert queries.queue_stats(q)["in_flight"] == 1
+    assert broker.ack(receipts=[m.receipt], authorize=lambda queue: True) == ["ok"]
+    assert queries.queue_stats(q)["in_flight"] == 0
+
+
+def test_ack_and_receive__refused_ack_claims_nothing(queue_factory, publish):
+    q = queue_factory()
+    publish(q, "a", "b")
+    [m] = broker.receive(queue=q)
+    with pytest.raises(PermissionDenied):
+        broker.ack_and_receive(receipts=[m.receipt], queue=q, max_messages=10, authorize=lambda queue: False)
+    assert queries.queue_stats(q)["in_flight"] == 1
+    assert [x.body for x in broker.receive(queue=q, max_messages=10)] == ["b"]
+
+
+def test_receive__returns_expired_leases_before_claiming(queue_factory, publish):
+    # The expired lease goes back to the queue first (visible from now: after "b", which waited
+    # longer), then the claim takes both, in order, with the redelivery flagged.
+    q = queue_factory(visibility_timeout_seconds=10)
+    publish(q, "a")
+    [first] = broker.receive(queue=q)
+    clock.advance(5)
+    publish(q, "b")
+    clock.advance(6)
+    got = broker.receive(queue=q, max_messages=10)
+    assert [(m.body, m.redelivered, m.delivery_count) for m in got] == [("b", False, 1), ("a", True, 2)]
+    assert broker.ack(receipts=[first.receipt]) == ["stale_receipt"]
+
+
+def test_receive__dead_letters_exhausted_leases_and_claims_the_rest(queue_factory, publish):
+    q = queue_factory(max_deliveries=1, visibility_timeout_seconds=5)
+    publish(q, "poison")
+    assert len(broker.receive(queue=q)) == 1
+    publish(q, "fine")
+    clock.advance(6)
+    assert [m.body for m in broker.receive(queue=q, max_messages=10)] == ["fine"]
+    assert queries.queue_stats(q)["dead_lettered"] == 1
 
 
 def test_max_deliveries__moves_to_dead_letter_queue_with_headers(queue_factory, publish):
