@@ -22,6 +22,12 @@ from messaging import broker
 with warnings.catch_warnings():  # schemathesis 3 still subclasses jsonschema's deprecated RefResolver
     warnings.simplefilter("ignore", DeprecationWarning)
     import schemathesis
+
+    # not_a_server_error imports schemathesis.specs.graphql.schemas on its first call. Imported
+    # here, at collection, so that import (and pytest's rewrite of it, an ast.parse) does not run
+    # while other threads of the test process run: CPython 3.11.7 can fail such a parse with
+    # "SystemError: AST constructor recursion depth mismatch" (seen once in this suite).
+    import schemathesis.specs.graphql.schemas
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
