@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import IntegrityError, close_old_connections
 
 from messaging import access, broker, longpoll
@@ -145,11 +146,7 @@ OWN_THREAD = os.environ.get("PEGASUS_GROUP_COMMIT_THREAD", "1") != "0"
 def _hop() -> Callable[[Sequence[Publish]], Awaitable[list[list[broker.PublishResult] | Exception]]]:
     if not OWN_THREAD:
         return longpoll.hop(run_round)
-    return _on_round_thread
-
-
-async def _on_round_thread(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] | Exception]:
-    return await longpoll.in_worker(_ROUND_THREAD, functools.partial(_run_round_and_close, publishes))
+    return sync_to_async(_run_round_and_close, thread_sensitive=False, executor=_ROUND_THREAD)
 
 
 def _run_round_and_close(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] | Exception]:

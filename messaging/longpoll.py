@@ -11,7 +11,6 @@ and the database is asked again: a lost notification delays a receive, it never 
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,14 +38,6 @@ HOP_THREADS = int(os.environ.get("PEGASUS_DB_POOL_SIZE", "16"))
 _hop_executor = ThreadPoolExecutor(max_workers=HOP_THREADS, thread_name_prefix="pegasus-hop")
 
 
-async def in_worker(executor: ThreadPoolExecutor, fn: Callable[[], R]) -> R:
-    """Run `fn` on one of `executor`'s threads, in that thread's own context, as a sync worker
-    thread runs code. The database hops go through here rather than asgiref's sync_to_async,
-    which copies the caller's context and wraps the call: measured ~0.1 ms more per hop with a
-    pooled connection borrowed and returned (docs/performance.md, item 15)."""
-    return await asyncio.get_running_loop().run_in_executor(executor, fn)
-
-
 def hop(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
     """One database hop from async code: run `fn` in a shared worker thread, then close the
     connection (back to the pool, or closed: CONN_MAX_AGE=0), so nothing is held between hops.
@@ -63,12 +54,13 @@ def hop(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
             if not connection.in_atomic_block:
                 close_old_connections()
 
+    shared = sync_to_async(run, thread_sensitive=False, executor=_hop_executor)
     in_caller = sync_to_async(run)
 
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         if getattr(AsyncToSync.executors, "current", None) is not None:
             return await in_caller(*args, **kwargs)
-        return await in_worker(_hop_executor, functools.partial(run, *args, **kwargs))
+        return await shared(*args, **kwargs)
 
     return call
 

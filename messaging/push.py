@@ -9,7 +9,6 @@ Acks and nacks go through the connection, which tells the pusher with `settled()
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import threading
@@ -19,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
-from channels.db import database_sync_to_async
+from channels.db import DatabaseSyncToAsync, database_sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import connection, transaction
 
-from messaging import broker, longpoll
+from messaging import broker
 from messaging.broker.delivery import Authorize
 from messaging.doorbell import Listener, doorbell
 from messaging.models import Queue
@@ -46,20 +45,7 @@ _PUSH_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pegasus-pu
 
 
 def push_hop(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
-    """One hop on a push thread, closing (returning) the connection before and after, as
-    channels' database_sync_to_async does."""
-
-    def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        close_old_connections()
-        try:
-            return func(*args, **kwargs)
-        finally:
-            close_old_connections()
-
-    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        return await longpoll.in_worker(_PUSH_THREADS, functools.partial(run, *args, **kwargs))
-
-    return call
+    return cast(Callable[P, Awaitable[R]], DatabaseSyncToAsync(func, thread_sensitive=False, executor=_PUSH_THREADS))
 
 
 Deliver = Callable[["Pusher", Sequence[broker.ReceivedMessage]], Awaitable[None]]
