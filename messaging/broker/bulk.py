@@ -19,6 +19,7 @@ from django.db import connection
 
 from messaging import events, filters
 from messaging.broker.common import OutgoingMessage, Store
+from messaging.models import State
 
 # One statement inserts the messages and their deliveries. The batch travels as ONE json
 # parameter that PostgreSQL unpacks in C (json_to_recordset): binding arrays instead made psycopg
@@ -125,9 +126,9 @@ LeasedRow = tuple[int, int, str, str, "int | None", int, str, str, Any, int, dat
 _CLAIM_SQL = """
 WITH gate AS (
   SELECT {gated} AND (
-    EXISTS (SELECT 1 FROM {durable} WHERE queue_id = %(queue)s AND state = 2 AND visible_at <= %(now)s
+    EXISTS (SELECT 1 FROM {durable} WHERE queue_id = %(queue)s AND state = {leased} AND visible_at <= %(now)s
             AND transaction_id IS NULL)
-    OR EXISTS (SELECT 1 FROM {transient} WHERE queue_id = %(queue)s AND state = 2 AND visible_at <= %(now)s
+    OR EXISTS (SELECT 1 FROM {transient} WHERE queue_id = %(queue)s AND state = {leased} AND visible_at <= %(now)s
                AND transaction_id IS NULL)
   ) AS closed
 ), d AS (
@@ -180,7 +181,7 @@ def claim(
     sql = _CLAIM_SQL.format(
         durable=durable.delivery._meta.db_table, transient=transient.delivery._meta.db_table,
         durable_message=durable.message._meta.db_table, transient_message=transient.message._meta.db_table,
-        gated="true" if gated else "false",
+        gated="true" if gated else "false", leased=State.LEASED.value,
     )  # fmt: skip
     params = {"queue": queue_id, "now": now, "limit": limit, "deadline": deadline, "token": token}
     with server_cursor() as cursor:
@@ -201,9 +202,9 @@ WITH held AS (
   SELECT id, state, lease_token, transaction_id, visible_at, queue_id FROM {table}
   WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE
 ), acked AS (
-  UPDATE {table} AS target SET state = 3, visible_at = %(retain_until)s
+  UPDATE {table} AS target SET state = {acked}, visible_at = %(retain_until)s
   FROM held JOIN unnest(%(ids)s::bigint[], %(tokens)s::text[]) AS r(id, token) ON r.id = held.id
-  WHERE target.id = held.id AND held.state = 2 AND held.lease_token = r.token
+  WHERE target.id = held.id AND held.state = {leased} AND held.lease_token = r.token
     AND held.transaction_id IS NULL AND held.visible_at > %(now)s
 )
 SELECT id, state, lease_token, transaction_id, visible_at, queue_id FROM held
@@ -215,7 +216,7 @@ def ack(
 ) -> list[tuple[int, int, str, str | None, datetime, int]]:
     """Ack the (pk, lease token) pairs of `store` that hold their lease; returns the rows as they
     were, locked."""
-    sql = _ACK_SQL.format(table=store.delivery._meta.db_table)
+    sql = _ACK_SQL.format(table=store.delivery._meta.db_table, acked=State.ACKED.value, leased=State.LEASED.value)
     params = {
         "ids": [pk for pk, _ in receipts], "tokens": [token for _, token in receipts],
         "now": now, "retain_until": retain_until,

@@ -363,19 +363,30 @@ _QUEUES_BY_ID = f"SELECT * FROM {Queue._meta.db_table} WHERE id IN ({{}})"
 
 
 def _lock_receipts(
-    receipts: Sequence[str], authorize: Authorize | None = None
+    receipts: Sequence[str], authorize: Authorize | None = None, *, ack_at: tuple[datetime, datetime] | None = None
 ) -> tuple[list[tuple[Store, int, str] | None], dict[tuple[str, int], _Held]]:
     """Parse receipts and lock their rows, durable store first, in id order (lock order).
+    Returns the rows as they were when locked.
 
-    With `authorize`, every queue that a receipt validly names must pass it, or nothing is
-    changed and PermissionDenied is raised (a receipt alone is not permission to consume)."""
-    parsed = _parse_receipts(receipts)
+    With `ack_at` (now, retained until), on PostgreSQL the same statement also acks every row
+    whose lease its receipt holds (bulk.ack; _holds_lease is the same test), saving ack a round
+    trip; the caller then only decides the statuses.
+
+    With `authorize`, every queue that a receipt validly names must pass it, or PermissionDenied
+    is raised (a receipt alone is not permission to consume). The check runs after the rows are
+    locked (and perhaps acked): raised inside the caller's atomic block, it undoes the ack."""
+    if len(receipts) > 1000:
+        raise BatchTooLarge("At most 1000 receipts per request.")
+    parsed = [_parse_receipt(r) for r in receipts]
     rows: dict[tuple[str, int], _Held] = {}
     for store in STORES:
-        ids = sorted({p[1] for p in parsed if p is not None and p[0] is store})
-        if not ids:
+        mine = sorted({(p[1], p[2]) for p in parsed if p is not None and p[0] is store})
+        if not mine:
             continue
-        if connection.vendor == "postgresql":  # one statement, tuples instead of model objects
+        ids = sorted({pk for pk, _ in mine})
+        if connection.vendor == "postgresql" and ack_at is not None:
+            found = bulk.ack(store=store, receipts=mine, now=ack_at[0], retain_until=ack_at[1])
+        elif connection.vendor == "postgresql":  # one statement, tuples instead of model objects
             with bulk.server_cursor() as cursor:
                 cursor.execute(_LOCK_SQL.format(table=store.delivery._meta.db_table), [ids])
                 found = cursor.fetchall()
@@ -387,43 +398,14 @@ def _lock_receipts(
                 .order_by("id")
                 .values_list("id", "state", "lease_token", "transaction_id", "visible_at", "queue_id")
             )
-        for row in found:
-            rows[(store.code, row[0])] = _Held(*row)
-    _authorize_held(parsed, rows, authorize)
-    return parsed, rows
-
-
-def _parse_receipts(receipts: Sequence[str]) -> list[tuple[Store, int, str] | None]:
-    if len(receipts) > 1000:
-        raise BatchTooLarge("At most 1000 receipts per request.")
-    return [_parse_receipt(r) for r in receipts]
-
-
-def _authorize_held(
-    parsed: list[tuple[Store, int, str] | None], rows: dict[tuple[str, int], _Held], authorize: Authorize | None
-) -> None:
-    """With `authorize`, every queue that a receipt validly names must pass it, or
-    PermissionDenied is raised (a receipt alone is not permission to consume)."""
-    if authorize is None or authorize is ANY_QUEUE:
-        return
-    named = {row.queue_id for p in parsed if p and (row := rows.get((p[0].code, p[1]))) and row.lease_token == p[2]}
-    ids = sorted(named)
-    for queue in Queue.objects.raw(_QUEUES_BY_ID.format(", ".join(["%s"] * len(ids))), ids) if ids else ():
-        if not authorize(queue):
-            raise PermissionDenied(f"Not permitted to consume from {queue.label!r}.")
-
-
-def _ack_held(
-    receipts: Sequence[str], now: datetime, retain_until: datetime
-) -> tuple[list[tuple[Store, int, str] | None], dict[tuple[str, int], _Held]]:
-    """PostgreSQL: _lock_receipts and the ack of every row whose lease its receipt holds, in one
-    statement per store (bulk.ack). Returns what _lock_receipts does: the rows as they were."""
-    parsed = _parse_receipts(receipts)
-    rows: dict[tuple[str, int], _Held] = {}
-    for store in STORES:
-        pairs = sorted({(p[1], p[2]) for p in parsed if p is not None and p[0] is store})
-        for row in bulk.ack(store=store, receipts=pairs, now=now, retain_until=retain_until) if pairs else ():
-            rows[(store.code, row[0])] = _Held(*row)
+        for values in found:
+            rows[(store.code, values[0])] = _Held(*values)
+    if authorize is not None and authorize is not ANY_QUEUE:
+        named = {row.queue_id for p in parsed if p and (row := rows.get((p[0].code, p[1]))) and row.lease_token == p[2]}
+        ids = sorted(named)
+        for queue in Queue.objects.raw(_QUEUES_BY_ID.format(", ".join(["%s"] * len(ids))), ids) if ids else ():
+            if not authorize(queue):
+                raise PermissionDenied(f"Not permitted to consume from {queue.label!r}.")
     return parsed, rows
 
 
@@ -463,11 +445,8 @@ def _ack_locked(
     if transaction_id is not None:
         _lock_transaction(transaction_id, user=user, states=(TxState.OPEN,))
     now = clock.now()
-    if transaction_id is None and connection.vendor == "postgresql":
-        parsed, rows = _ack_held(receipts, now, now + retention)  # lock and ack in one statement
-        _authorize_held(parsed, rows, authorize)  # refused: the caller's atomic block undoes the ack
-    else:
-        parsed, rows = _lock_receipts(receipts, authorize)
+    ack_at = (now, now + retention) if transaction_id is None else None
+    parsed, rows = _lock_receipts(receipts, authorize, ack_at=ack_at)
     statuses: list[str] = []
     to_ack: dict[Store, list[int]] = {}
     for p in parsed:
@@ -489,7 +468,7 @@ def _ack_locked(
     for store, ids in to_ack.items():
         if transaction_id is not None:
             store.deliveries().filter(pk__in=ids).update(transaction_id=transaction_id)
-        elif connection.vendor != "postgresql":  # on PostgreSQL _ack_held has acked them
+        elif connection.vendor != "postgresql":  # on PostgreSQL _lock_receipts has acked them
             store.deliveries().filter(pk__in=ids).update(state=State.ACKED, visible_at=now + retention)
     return statuses
 
