@@ -133,24 +133,24 @@ WITH gate AS (
   ) AS closed
 ), d AS (
   SELECT 0 AS s, id, priority, visible_at FROM {durable}
-  WHERE queue_id = %(queue)s AND state = 1 AND visible_at <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
-    AND NOT (SELECT closed FROM gate)
+  WHERE queue_id = %(queue)s AND state = {ready} AND visible_at <= %(now)s
+    AND (expires_at IS NULL OR expires_at > %(now)s) AND NOT (SELECT closed FROM gate)
   ORDER BY priority DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), t AS (
   SELECT 1 AS s, id, priority, visible_at FROM {transient}
-  WHERE queue_id = %(queue)s AND state = 1 AND visible_at <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
-    AND NOT (SELECT closed FROM gate)
+  WHERE queue_id = %(queue)s AND state = {ready} AND visible_at <= %(now)s
+    AND (expires_at IS NULL OR expires_at > %(now)s) AND NOT (SELECT closed FROM gate)
   ORDER BY priority DESC, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), chosen AS (
   SELECT * FROM (SELECT * FROM d UNION ALL SELECT * FROM t) AS c
   ORDER BY priority DESC, visible_at, s, id LIMIT %(limit)s
 ), ud AS (
-  UPDATE {durable} SET state = 2, visible_at = %(deadline)s, lease_token = %(token)s,
+  UPDATE {durable} SET state = {leased}, visible_at = %(deadline)s, lease_token = %(token)s,
                        delivery_count = delivery_count + 1
   WHERE id IN (SELECT id FROM chosen WHERE s = 0)
   RETURNING id, message_id, delivery_count, lease_token, dead_letter_reason, origin_queue_id
 ), ut AS (
-  UPDATE {transient} SET state = 2, visible_at = %(deadline)s, lease_token = %(token)s,
+  UPDATE {transient} SET state = {leased}, visible_at = %(deadline)s, lease_token = %(token)s,
                          delivery_count = delivery_count + 1
   WHERE id IN (SELECT id FROM chosen WHERE s = 1)
   RETURNING id, message_id, delivery_count, lease_token, dead_letter_reason, origin_queue_id
@@ -181,7 +181,7 @@ def claim(
     sql = _CLAIM_SQL.format(
         durable=durable.delivery._meta.db_table, transient=transient.delivery._meta.db_table,
         durable_message=durable.message._meta.db_table, transient_message=transient.message._meta.db_table,
-        gated="true" if gated else "false", leased=State.LEASED.value,
+        gated="true" if gated else "false", ready=State.READY.value, leased=State.LEASED.value,
     )  # fmt: skip
     params = {"queue": queue_id, "now": now, "limit": limit, "deadline": deadline, "token": token}
     with server_cursor() as cursor:
