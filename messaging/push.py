@@ -390,7 +390,7 @@ def hand_off(queue_ids: Sequence[int]) -> set[Pusher]:
             pusher._taken = True
             taken.append(pusher)
     served: set[Pusher] = set()
-    for pusher in taken:
+    for n, pusher in enumerate(taken):
         handed, loop = pusher._handed, pusher._loop
         assert handed is not None and loop is not None
         acks = list(pusher._auto_acks)
@@ -399,6 +399,15 @@ def hand_off(queue_ids: Sequence[int]) -> set[Pusher]:
             _, messages = broker.ack_and_receive(receipts=acks, queue=pusher.queue, max_messages=max(room, 0))
         except Exception:
             log.warning("hand-off to %s failed; it will claim on its own", pusher.key, exc_info=True)
+            if connection.needs_rollback or connection.closed_in_transaction:
+                # The savepoint could not be rolled back (the connection died): the caller's
+                # whole transaction is lost, and it must fail, not go on to "commit" (which
+                # Django would turn into a silent rollback, broker.common.atomic).
+                for other in taken[n:]:
+                    other_loop, other_handed = other._loop, other._handed
+                    assert other_loop is not None and other_handed is not None
+                    other_loop.call_soon_threadsafe(_settle, other_handed, None)
+                raise
             loop.call_soon_threadsafe(_settle, handed, None)
             continue
         if not messages and not acks:  # nothing for it yet (delayed messages, say)

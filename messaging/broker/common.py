@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import OperationalError, connection, transaction
 from django.db.models import QuerySet
 
 from messaging import clock, conf
@@ -32,6 +34,26 @@ from messaging.models import (
 _NAME_RE = re.compile(NAME_PATTERN)
 MAX_DELAY_SECONDS = 7 * 24 * 3600
 MAX_HEADERS = 100
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+@contextmanager
+def atomic() -> Iterator[None]:
+    """`transaction.atomic()` that never drops its work in silence: every broker operation runs
+    in one, because its caller confirms what it did (201, `ok`, a receipt) once it returns.
+
+    Django ends a block WITHOUT an exception, rolling it back, when a failure inside it was
+    caught after it doomed the transaction: a nested block whose savepoint could not be rolled
+    back (the connection died: pg_terminate_backend, a PostgreSQL crash) or a connection closed
+    inside it. Its caller would then confirm work that was never committed (the PostgreSQL
+    restart fault test caught a publish answered 201 and lost that way, tests/faults). Here
+    such a block raises OperationalError instead (503 with Retry-After over REST)."""
+    with transaction.atomic():
+        yield
+        if connection.needs_rollback or connection.closed_in_transaction:
+            raise OperationalError("The database connection failed inside the transaction; nothing was done.")
 
 
 # --------------------------------------------------------------------------- stores

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import F, Q, QuerySet
 
 from messaging import clock, conf, events, metrics
@@ -25,6 +25,7 @@ from messaging.broker.common import (
     _lock_transaction,
     _positive,
     _touch,
+    atomic,
 )
 from messaging.exceptions import (
     BatchTooLarge,
@@ -57,7 +58,7 @@ def receive(
     after max_deliveries) and messages past their TTL are dropped or dead-lettered.
     """
     vt = _receive_args(queue, max_messages, visibility_timeout_seconds)
-    with transaction.atomic():
+    with atomic():
         return _receive_locked(queue, max_messages, vt)
 
 
@@ -66,16 +67,17 @@ def ack_and_receive(
     receipts: Sequence[str],
     queue: Queue,
     max_messages: int,
+    visibility_timeout_seconds: int | None = None,
     user: Any = None,
     authorize: Authorize | None = None,
 ) -> tuple[list[str], list[ReceivedMessage]]:
     """`ack(receipts)` (outside any messaging transaction), then `receive(queue, max_messages)`,
-    in ONE database transaction: one commit instead of two for a push consumer that acks what it
-    has and takes the next messages. Each keeps its own contract: the statuses are ack's, the
-    messages receive's; an error in either changes nothing at all (the caller may then ack alone).
-    `receipts` may be empty and `max_messages` 0."""
-    vt = _receive_args(queue, max_messages, None) if max_messages else 0
-    with transaction.atomic():
+    in ONE database transaction: one commit instead of two for a consumer that acks what it has
+    and takes the next messages (a push consumer; a REST receive carrying `ack`). Each keeps its
+    own contract: the statuses are ack's, the messages receive's; an error in either changes
+    nothing at all (the caller may then ack alone). `receipts` may be empty and `max_messages` 0."""
+    vt = _receive_args(queue, max_messages, visibility_timeout_seconds) if max_messages else 0
+    with atomic():
         statuses = _ack_locked(receipts, None, user, authorize) if receipts else []
         messages = _receive_locked(queue, max_messages, vt) if max_messages else []
     return statuses, messages
@@ -92,7 +94,7 @@ def _receive_args(queue: Queue, max_messages: int, visibility_timeout_seconds: i
 
 
 def _receive_locked(queue: Queue, max_messages: int, vt: int) -> list[ReceivedMessage]:
-    """receive's work. Should be called inside transaction.atomic()."""
+    """receive's work. Should be called inside atomic()."""
     now = clock.now()
     _touch(queue)
     if queue.paused:
@@ -433,14 +435,14 @@ def ack(
     ACK_RETENTION_SECONDS). Inside a transaction the message stays leased to the transaction
     until commit (acked) or rollback (redelivered).
     """
-    with transaction.atomic():
+    with atomic():
         return _ack_locked(receipts, transaction_id, user, authorize)
 
 
 def _ack_locked(
     receipts: Sequence[str], transaction_id: str | None, user: Any, authorize: Authorize | None
 ) -> list[str]:
-    """ack's work. Should be called inside transaction.atomic()."""
+    """ack's work. Should be called inside atomic()."""
     retention = timedelta(seconds=conf.get().ack_retention_seconds)
     if transaction_id is not None:
         _lock_transaction(transaction_id, user=user, states=(TxState.OPEN,))
@@ -478,7 +480,7 @@ def nack(*, receipts: Sequence[str], delay_seconds: float = 0, authorize: Author
     dead-lettered if they used up max_deliveries."""
     if not 0 <= delay_seconds <= MAX_DELAY_SECONDS:
         raise InvalidRequest(f"delay_seconds is between 0 and {MAX_DELAY_SECONDS}.")
-    with transaction.atomic():
+    with atomic():
         now = clock.now()
         parsed, rows = _lock_receipts(receipts, authorize)
         statuses, held = _partition_held(parsed, rows, now)
@@ -495,7 +497,7 @@ def extend(
     _positive(visibility_timeout_seconds, "visibility_timeout_seconds")
     if visibility_timeout_seconds > 12 * 3600:
         raise InvalidRequest("visibility_timeout_seconds is at most 43200 (12 hours).")
-    with transaction.atomic():
+    with atomic():
         now = clock.now()
         parsed, rows = _lock_receipts(receipts, authorize)
         statuses, held = _partition_held(parsed, rows, now)
@@ -534,7 +536,7 @@ def redrive(*, queue: Queue, max_messages: int | None = None) -> int:
     messages to their origins, a queue's own DEAD messages to ready), as fresh deliveries."""
     _positive(max_messages, "max_messages")
     moved = 0
-    with transaction.atomic():
+    with atomic():
         now = clock.now()
         for store in STORES:
             remaining = None if max_messages is None else max_messages - moved

@@ -7,7 +7,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError
 
 from messaging import clock, conf, events, filters
 from messaging.broker.common import (
@@ -17,6 +17,7 @@ from messaging.broker.common import (
     _touch,
     _user_or_none,
     _validate_settings,
+    atomic,
     validate_name,
 )
 from messaging.broker.delivery import _delete_deliveries
@@ -77,14 +78,14 @@ def create_queue(*, name: str, settings: QueueSettings | None = None, user: Any 
     validate_name(name)
     s = settings or QueueSettings()
     _validate_settings(s)
-    with transaction.atomic():
+    with atomic():
         existing = Queue.objects.filter(topic__isnull=True, name=name).first()
         if existing is not None:
             if not _same_settings(existing, s):
                 raise NameTaken(f"Queue {name!r} exists with other settings.")
             return existing, False
         try:
-            with transaction.atomic():
+            with atomic():
                 _check_destination_quota(user)
                 queue = Queue.objects.create(name=name, created_by=_user_or_none(user), **_settings_fields(s))
         except IntegrityError:  # created concurrently: same answer as above
@@ -156,7 +157,7 @@ def get_subscription(*, topic: str, name: str) -> Queue:
 
 def delete_queue(*, queue: Queue) -> None:
     """Delete a queue or subscription with all its messages."""
-    with transaction.atomic():
+    with atomic():
         for store in STORES:
             _delete_deliveries(store, store.deliveries().filter(queue=queue), skip_locked=False)
         Queue.objects.filter(pk=queue.pk).delete()
@@ -165,7 +166,7 @@ def delete_queue(*, queue: Queue) -> None:
 def purge_queue(*, queue: Queue) -> int:
     """Remove the ready (and scheduled) messages. Leased, staged and dead-lettered ones stay:
     a consumer holding a lease can still ack it, and a transaction's work is its own."""
-    with transaction.atomic():
+    with atomic():
         return sum(
             _delete_deliveries(store, store.deliveries().filter(queue=queue, state=State.READY)) for store in STORES
         )
@@ -175,7 +176,7 @@ def set_paused(*, queue: Queue, paused: bool) -> None:
     """Pause or resume delivery of a queue: publishes are still accepted while paused."""
     Queue.objects.filter(pk=queue.pk).update(paused=paused)
     if not paused:
-        with transaction.atomic():
+        with atomic():
             events.notify_on_commit([queue.pk])
 
 
@@ -186,7 +187,7 @@ def create_topic(*, name: str, user: Any = None) -> tuple[Topic, bool]:
         return existing, False
     _check_destination_quota(user)
     try:
-        with transaction.atomic():
+        with atomic():
             return Topic.objects.get_or_create(name=name, defaults={"created_by": _user_or_none(user)})
     except IntegrityError:
         return Topic.objects.get(name=name), False
@@ -203,7 +204,7 @@ def _check_destination_quota(user: Any) -> None:
 
 
 def delete_topic(*, topic: Topic) -> None:
-    with transaction.atomic():
+    with atomic():
         for sub in Queue.objects.filter(topic=topic):
             delete_queue(queue=sub)
         Topic.objects.filter(pk=topic.pk).delete()
@@ -232,7 +233,7 @@ def create_subscription(
         expires_after_seconds = 300
     if durable:
         expires_after_seconds = None
-    with transaction.atomic():
+    with atomic():
         existing = Queue.objects.filter(topic=topic, name=name).first()
         if existing is not None:
             if existing.durable != durable or existing.filter != flt or not _same_settings(existing, s):
@@ -241,7 +242,7 @@ def create_subscription(
             return existing, False
         expires_at = clock.now() + timedelta(seconds=expires_after_seconds) if expires_after_seconds else None
         try:
-            with transaction.atomic():
+            with atomic():
                 _check_destination_quota(user)
                 sub = Queue.objects.create(
                     name=name,

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import transaction
-
 from messaging import clock, conf
-from messaging.broker.common import STORES
+from messaging.broker.common import STORES, atomic
 from messaging.broker.consumers import unregister_consumers
 from messaging.broker.delivery import _delete_deliveries
 from messaging.broker.destinations import delete_queue
@@ -42,7 +40,7 @@ def run_maintenance(*, batch: int = 10_000) -> MaintenanceReport:
     for txn_id in Transaction.objects.filter(state=TxState.OPEN, last_activity_at__lt=idle_before).values_list(
         "pk", flat=True
     )[:100]:
-        with transaction.atomic():
+        with atomic():
             txn = Transaction.objects.select_for_update(skip_locked=True).filter(pk=txn_id).first()
             if txn is not None and txn.state == TxState.OPEN and txn.last_activity_at < idle_before:
                 _rollback_locked(txn)
@@ -51,7 +49,7 @@ def run_maintenance(*, batch: int = 10_000) -> MaintenanceReport:
         delete_queue(queue=sub)
         report.subscriptions_expired += 1
     for store in STORES:
-        with transaction.atomic():
+        with atomic():
             report.acked_removed += _delete_deliveries(
                 store, store.deliveries().filter(state=State.ACKED, visible_at__lte=now)
             )

@@ -13,10 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from django.db import transaction
-
 from messaging import clock, events
-from messaging.broker.common import STORES, Store
+from messaging.broker.common import STORES, Store, atomic
 from messaging.broker.delivery import _delete_deliveries
 from messaging.exceptions import BatchTooLarge, InvalidRequest
 from messaging.models import Queue, State
@@ -50,7 +48,7 @@ def _lock_selected(store: Store, queue: Queue, ids: list[int], *, dead_letters_o
 def delete_messages(*, queue: Queue, cursors: Sequence[str]) -> int:
     """Delete the selected ready, scheduled or dead messages of `queue`."""
     selected = parse_cursors(cursors)
-    with transaction.atomic():
+    with atomic():
         return sum(
             _delete_deliveries(store, store.deliveries().filter(queue=queue, pk__in=ids, state__in=OPERABLE_STATES))
             for store, ids in selected.items()
@@ -68,7 +66,7 @@ def move_messages(*, queue: Queue, cursors: Sequence[str], target: Queue, copy: 
         raise InvalidRequest("Pick another queue to move or copy to.")
     selected = parse_cursors(cursors)
     done = 0
-    with transaction.atomic():
+    with atomic():
         now = clock.now()
         for store, ids in selected.items():
             rows = _lock_selected(store, queue, ids)
@@ -109,7 +107,7 @@ def retry_dead_letters(*, queue: Queue, cursors: Sequence[str]) -> int:
     deliveries (what `redrive` does for all of them). Messages without a known origin stay."""
     selected = parse_cursors(cursors)
     moved = 0
-    with transaction.atomic():
+    with atomic():
         now = clock.now()
         origins: set[int] = set()
         for store, ids in selected.items():
@@ -138,7 +136,7 @@ def set_priority(*, queue: Queue, cursors: Sequence[str], priority: int) -> int:
         raise InvalidRequest("priority is an integer from 0 to 9.")
     selected = parse_cursors(cursors)
     changed = 0
-    with transaction.atomic():
+    with atomic():
         for store, ids in selected.items():
             pks = [row.pk for row in _lock_selected(store, queue, ids)]
             changed += store.deliveries().filter(pk__in=pks).update(priority=priority)

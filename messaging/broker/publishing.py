@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, connection
 
 from messaging import clock, conf, events, filters, metrics
 from messaging.broker import bulk, destinations
@@ -19,6 +19,7 @@ from messaging.broker.common import (
     PublishResult,
     Store,
     _lock_transaction,
+    atomic,
     store_for,
     validate_message,
 )
@@ -57,7 +58,7 @@ def publish(
     """
     request = PublishRequest(queue=queue, topic=topic, messages=messages, transaction_id=transaction_id, user=user)
     _check(request)
-    with transaction.atomic():
+    with atomic():
         return _publish_checked(request)
 
 
@@ -115,7 +116,7 @@ def _publish_group(
         by_destination.setdefault(key, []).append(i)
     body_done = False
     try:
-        with transaction.atomic():
+        with atomic():
             for indexes in by_destination.values():
                 first = requests[indexes[0]]
                 batch = [msg for i in indexes for msg in requests[i].messages]
@@ -137,7 +138,7 @@ def _publish_group(
 
 def _publish_alone(request: PublishRequest) -> list[PublishResult] | Exception:
     try:
-        with transaction.atomic():
+        with atomic():
             return _publish_checked(request)
     except (BrokerError, DatabaseError) as exc:
         return exc
@@ -159,7 +160,7 @@ def _check(request: PublishRequest) -> None:
 
 
 def _publish_checked(request: PublishRequest) -> list[PublishResult]:
-    """The database part of a publish. Should be called inside transaction.atomic()."""
+    """The database part of a publish. Should be called inside atomic()."""
     queue, topic, messages, transaction_id = request.queue, request.topic, request.messages, request.transaction_id
     limits = conf.get()
     window = queue.dedup_window_seconds if queue is not None else limits.default_dedup_window_seconds

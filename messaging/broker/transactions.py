@@ -6,10 +6,8 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
-
 from messaging import clock, conf, events
-from messaging.broker.common import STORES, _lock_transaction, _may_use, _user_or_none
+from messaging.broker.common import STORES, _lock_transaction, _may_use, _user_or_none, atomic
 from messaging.broker.delivery import _delete_deliveries, _return_to_queue
 from messaging.exceptions import (
     InvalidRequest,
@@ -43,7 +41,7 @@ def get_transaction(*, transaction_id: str, user: Any = None) -> Transaction:
 def prepare(*, transaction_id: str, user: Any = None) -> Transaction:
     """Phase one: the staged work is already in the database; from now on it survives restarts
     and timeouts until commit or rollback (listed by list_transactions(state="prepared"))."""
-    with transaction.atomic():
+    with atomic():
         txn = _lock_transaction(transaction_id, user=user, states=(TxState.OPEN, TxState.PREPARED))
         if txn.state == TxState.OPEN:
             txn.state = TxState.PREPARED
@@ -55,7 +53,7 @@ def prepare(*, transaction_id: str, user: Any = None) -> Transaction:
 def commit(*, transaction_id: str, user: Any = None) -> Transaction:
     """Apply all staged publishes and acks at once. Committing again answers the same."""
     retention = timedelta(seconds=conf.get().ack_retention_seconds)
-    with transaction.atomic():
+    with atomic():
         txn = _lock_transaction(transaction_id, user=user, states=(TxState.OPEN, TxState.PREPARED, TxState.COMMITTED))
         if txn.state == TxState.COMMITTED:
             return txn
@@ -74,7 +72,7 @@ def commit(*, transaction_id: str, user: Any = None) -> Transaction:
 def rollback(*, transaction_id: str, user: Any = None) -> Transaction:
     """Discard staged publishes (and their dedup records) and release the transaction's acked
     messages for redelivery. Rolling back again answers the same."""
-    with transaction.atomic():
+    with atomic():
         txn = _lock_transaction(transaction_id, user=user, states=(TxState.OPEN, TxState.PREPARED, TxState.ROLLED_BACK))
         if txn.state == TxState.ROLLED_BACK:
             return txn

@@ -115,6 +115,14 @@ class Ledger:
         with self._lock:
             return {d.key for d in self._deliveries if d.message_id in self._acked}
 
+    def lost_keys(self) -> set[str]:
+        """Confirmed keys never delivered (what `lost` counts), for a scenario to explain."""
+        return self.confirmed_keys() - self.delivered_keys()
+
+    def outcomes(self, key: str) -> list[str]:
+        with self._lock:
+            return list(self._outcomes.get(key, []))
+
     def check(self) -> Figures:
         with self._lock:
             return self._figures()

@@ -136,6 +136,8 @@ def test_postgres_crash_restarts_and_killed_backends__nothing_lost_no_500(cluste
         producing.set()
         threads[0].join(30)
         _wait_for_all(ledger, time.monotonic() + 60)  # an upper bound, not a timing check
+        if ledger.lost_keys():  # not yet delivered: say where they are while it is so
+            print("not delivered after the faults:", _explain_lost(cluster, ledger), flush=True)
         ws_after = ws.received - after_faults
         before_drain = ledger.check().deliveries
         _drain_all(rests[2], ledger, deadline)  # whatever the WebSocket consumer did not take
@@ -155,6 +157,8 @@ def test_postgres_crash_restarts_and_killed_backends__nothing_lost_no_500(cluste
             slowest_request_s=round(max(r.slowest for r in rests), 1),
         )  # fmt: skip
         figures = ledger.report()
+        if figures.lost:
+            print(_explain_lost(cluster, ledger), flush=True)
     finally:
         stop.set()
         for r in rests:
@@ -217,3 +221,35 @@ def _drain_all(rest: Rest, ledger: Ledger, deadline: float) -> None:
     """Consume until every confirmed message was delivered (the WebSocket consumer helps)."""
     while time.monotonic() < deadline and not ledger.confirmed_keys() <= ledger.delivered_keys():
         rest.ack(rest.receive("/queues/s4/receive", ledger, max_messages=50, wait=0.5), ledger)
+
+
+def _explain_lost(cluster: Cluster, ledger: Ledger) -> str:
+    """What the database holds for each lost key (its body and dedup_id), and the sessions and
+    locks on the messaging tables, to say where it went."""
+    import psycopg
+
+    lines = []
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        for key in sorted(ledger.lost_keys()):
+            lines.append(f"lost {key}: attempts {ledger.outcomes(key)}")
+            rows = conn.execute(
+                "SELECT m.id, d.id, d.state, d.visible_at, d.delivery_count, d.lease_token, d.transaction_id, "
+                "now() FROM messaging_message m LEFT JOIN messaging_delivery d ON d.message_id = m.id "
+                "WHERE m.body = %s",
+                [key],
+            ).fetchall()
+            lines += [f"  row {r}" for r in rows] or ["  no message row"]
+            dedup = conn.execute("SELECT * FROM messaging_deduprecord WHERE dedup_id = %s", [key]).fetchall()
+            lines.append(f"  dedup {dedup}")
+        for row in conn.execute(
+            "SELECT pid, application_name, state, xact_start, now() - xact_start, left(query, 300) "
+            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall():
+            lines.append(f"  session {row}")
+        for row in conn.execute(
+            "SELECT l.pid, l.locktype, l.mode, l.granted, c.relname, l.page, l.tuple FROM pg_locks l "
+            "LEFT JOIN pg_class c ON c.oid = l.relation "
+            "WHERE l.pid <> pg_backend_pid() AND c.relname LIKE 'messaging%%'"
+        ).fetchall():
+            lines.append(f"  lock {row}")
+    return "\n".join(lines)

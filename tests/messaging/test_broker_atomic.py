@@ -1,0 +1,134 @@
+"""A broker operation that returns has committed: a transaction doomed by a failure caught inside
+it raises instead of ending in Django's silent rollback (messaging/broker/common.py `atomic`).
+
+Found by the PostgreSQL restart fault test: pg_terminate_backend killed a publish round's
+connection during the hand-off claim (messaging/push.py); the hand-off caught the error, its
+savepoint could not be rolled back, Django rolled the whole round back without an exception,
+and the publish was answered 201 though nothing was stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import DatabaseError, OperationalError, connection, transaction
+
+from messaging import broker, push
+from messaging.broker import bulk
+from messaging.broker.common import atomic
+from messaging.models import Delivery, Message
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _swallowed_doomed_failure() -> None:
+    """What the hand-off did: catch a failure that left the transaction unusable."""
+    try:
+        with transaction.atomic(savepoint=False):  # like a savepoint that could not be rolled back
+            raise DatabaseError("the connection died")
+    except DatabaseError:
+        pass
+
+
+def test_atomic__raises_instead_of_rolling_back_in_silence(queue_factory: Any):
+    queue = queue_factory("q")
+    with pytest.raises(OperationalError), atomic():
+        Message.objects.create(body="x", destination="queue:q", published_at=queue.created_at)
+        _swallowed_doomed_failure()
+    assert not Message.objects.exists()
+
+
+def test_atomic__commits_as_usual_and_keeps_a_rolled_back_savepoint_harmless(queue_factory: Any):
+    queue = queue_factory("q")
+    with atomic():
+        Message.objects.create(body="kept", destination="queue:q", published_at=queue.created_at)
+        with contextlib.suppress(DatabaseError), transaction.atomic():  # a savepoint, rolled back fine
+            Message.objects.create(body="dropped", destination="queue:q", published_at=queue.created_at)
+            raise DatabaseError("only this part fails")
+    assert list(Message.objects.values_list("body", flat=True)) == ["kept"]
+
+
+def test_publish__a_doomed_transaction_is_an_error_not_a_confirmation(queue_factory: Any, monkeypatch: Any):
+    queue = queue_factory("q")
+
+    def doomed_hand_off(queue_ids: Sequence[int]) -> set[Any]:
+        _swallowed_doomed_failure()
+        return set()
+
+    monkeypatch.setattr(push, "hand_off", doomed_hand_off)  # events.notify_on_commit calls it
+    with pytest.raises(OperationalError):
+        broker.publish(queue=queue, messages=[broker.OutgoingMessage(body="x")])
+    assert not Delivery.objects.exists()
+    # The group-commit path answers each publish of the round with the error, too.
+    request = broker.PublishRequest(queue=queue, topic=None, messages=[broker.OutgoingMessage(body="y")], user=None)
+    outcomes = broker.publish_many(requests=[request, request])
+    assert all(isinstance(o, OperationalError) for o in outcomes), outcomes
+    assert not Delivery.objects.exists()
+
+
+@pytest.mark.postgres
+async def test_hand_off__connection_killed_during_its_claim_fails_the_publish(queue_factory: Any, monkeypatch: Any):
+    """The real thing: a waiting pusher, and the publish's own backend terminated while the
+    hand-off claims for it. The publish must raise; the pusher must be free to claim again."""
+    queue = await _in_thread(queue_factory)("handoff")
+    pushed: list[broker.ReceivedMessage] = []
+
+    async def deliver(_: push.Pusher, messages: Sequence[broker.ReceivedMessage]) -> None:
+        pushed.extend(messages)
+
+    pusher = push.Pusher(key="s", queue=queue, prefetch=10, auto_ack=False, deliver=deliver, recheck_seconds=30)
+    pusher.start()
+    publisher: list[threading.Thread] = []
+    real = bulk.claim
+
+    def killed_on_the_publisher(**kwargs: Any) -> Any:
+        """The hand-off's claim, inside its savepoint, on a connection that dies there."""
+        if publisher and threading.current_thread() is publisher[0]:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return real(**kwargs)
+
+    monkeypatch.setattr(bulk, "claim", killed_on_the_publisher)
+    try:
+        await _until(lambda: queue.pk in push._TAKEABLE)
+
+        def publish() -> Any:
+            publisher.append(threading.current_thread())
+            return broker.publish(queue=queue, messages=[broker.OutgoingMessage(body="never confirmed")])
+
+        with pytest.raises(DatabaseError):
+            await _in_thread(publish)()
+        publisher.clear()  # executor threads are reused: kill no more
+        assert not await _in_thread(Delivery.objects.exists)()
+        await _until(lambda: queue.pk in push._TAKEABLE)  # settled: takeable again
+        published = await _in_thread(broker.publish)(queue=queue, messages=[broker.OutgoingMessage(body="kept")])
+        await _until(lambda: bool(pushed))
+        assert [m.id for m in pushed] == [published[0].id]
+    finally:
+        await pusher.stop()
+        with contextlib.suppress(Exception):
+            await _in_thread(broker.nack)(receipts=list(pusher.unacked))
+
+
+def _in_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connection.close()
+
+    return sync_to_async(run, thread_sensitive=False)
+
+
+async def _until(check: Callable[[], bool], seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
