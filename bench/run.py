@@ -93,6 +93,7 @@ def stages(peg: pegasus.Pegasus, scale: Scale, results: list[Result]) -> list[St
         ("pegasus: non-durable batch 100", lambda: pegasus.publish_batch(peg, scale, durable=False)),
         ("pegasus: WebSocket publish", lambda: pegasus.ws_publish(peg, scale)),
         ("pegasus: consume REST", lambda: pegasus.consume_rest(peg, scale)),
+        ("pegasus: consume REST, acks on receive", lambda: pegasus.consume_rest(peg, scale, ride_acks=True)),
         ("pegasus: consume WebSocket", lambda: pegasus.consume_ws(peg, scale)),
         ("pegasus: fan-out 10", lambda: pegasus.fan_out(peg, scale)),
         ("pegasus: latency", lambda: pegasus.latency(peg, scale)),

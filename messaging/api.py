@@ -173,7 +173,7 @@ async def publish_to_queue(request: HttpRequest, name: Name, payload: PublishIn)
     return Status(201, await publish_as(_user(request), Kind.QUEUE, name, payload))
 
 
-@router.post("/queues/{name}/receive", response={200: ReceiveOut, **ERRORS}, tags=["messages"])
+@router.post("/queues/{name}/receive", response={200: ReceiveOut, **ERRORS}, tags=["messages"], exclude_unset=True)
 async def receive_from_queue(request: HttpRequest, name: Name, payload: ReceiveIn | None = None) -> dict[str, Any]:
     """Lease up to max_messages; with wait_seconds, wait up to that long for the first one (long poll)."""
     return await receive_queue_as(_user(request), name, payload or ReceiveIn.model_validate({}))
@@ -185,22 +185,30 @@ async def receive_from_queue(request: HttpRequest, name: Name, payload: ReceiveI
 
 
 async def receive_queue_as(user: Any, name: str, payload: ReceiveIn) -> dict[str, Any]:
-    return await _receive(partial(access.access_queue, user=user, name=name, action=Action.CONSUME), payload)
+    lookup = partial(access.access_queue, user=user, name=name, action=Action.CONSUME)
+    return await _receive(user, lookup, payload)
 
 
 async def receive_subscription_as(user: Any, topic: str, name: str, payload: ReceiveIn) -> dict[str, Any]:
     lookup = partial(access.access_subscription, user=user, topic=topic, name=name, action=Action.CONSUME)
-    return await _receive(lookup, payload)
+    return await _receive(user, lookup, payload)
 
 
-async def _receive(lookup: Callable[[], Queue], payload: ReceiveIn) -> dict[str, Any]:
-    messages = await longpoll.receive_from(
+async def _receive(user: Any, lookup: Callable[[], Queue], payload: ReceiveIn) -> dict[str, Any]:
+    """The answer has `acked` only when the request carried `ack`. Unlike /ack, all-stale acks
+    are no error here: the receive's messages still come back, with the statuses beside them."""
+    ack = None if payload.ack is None else longpoll.AckFirst(payload.ack, user, access.may_consume(user))
+    statuses, messages = await longpoll.receive_from(
         lookup,
         max_messages=payload.max_messages,
         wait_seconds=payload.wait_seconds,
         visibility_timeout_seconds=payload.visibility_timeout_seconds,
+        ack=ack,
     )
-    return {"messages": messages}
+    if payload.ack is None:
+        return {"messages": messages}
+    acked = [{"receipt": r, "status": s} for r, s in zip(payload.ack, statuses, strict=True)]
+    return {"messages": messages, "acked": acked}
 
 
 async def publish_as(user: Any, kind: Kind, name: str, payload: PublishIn) -> dict[str, Any]:
@@ -333,7 +341,12 @@ def browse_subscription(
     return _browse(sub, state=state, after=after, limit=limit)
 
 
-@router.post("/topics/{topic}/subscriptions/{name}/receive", response={200: ReceiveOut, **ERRORS}, tags=["messages"])
+@router.post(
+    "/topics/{topic}/subscriptions/{name}/receive",
+    response={200: ReceiveOut, **ERRORS},
+    tags=["messages"],
+    exclude_unset=True,  # `acked` only when asked for
+)
 async def receive_from_subscription(
     request: HttpRequest, topic: TopicName, name: Name, payload: ReceiveIn | None = None
 ) -> dict[str, Any]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import AsyncToSync, sync_to_async
 from django.db import close_old_connections, connection
@@ -99,26 +100,44 @@ async def receive_from(
     max_messages: int = 1,
     wait_seconds: float = 0,
     visibility_timeout_seconds: int | None = None,
-) -> list[broker.ReceivedMessage]:
+    ack: AckFirst | None = None,
+) -> tuple[list[str], list[broker.ReceivedMessage]]:
     """receive() from the queue `lookup` returns (an access check that fetches it): the lookup
-    and the first attempt share ONE hop, which is all a receive from a non-empty queue takes."""
+    and the first attempt share ONE hop, which is all a receive from a non-empty queue takes.
+    With `ack`, that first attempt acks those receipts in the same commit (broker.ack_and_receive),
+    once: a wait that follows only receives. Returns (ack statuses, messages)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
 
-    def first() -> tuple[Queue, list[broker.ReceivedMessage]]:
+    def first() -> tuple[Queue, list[str], list[broker.ReceivedMessage]]:
         queue = lookup()
-        return queue, broker.receive(
-            queue=queue, max_messages=max_messages, visibility_timeout_seconds=visibility_timeout_seconds
-        )
+        if ack is None:
+            return queue, [], broker.receive(
+                queue=queue, max_messages=max_messages, visibility_timeout_seconds=visibility_timeout_seconds
+            )  # fmt: skip
+        statuses, messages = broker.ack_and_receive(
+            receipts=ack.receipts, queue=queue, max_messages=max_messages,
+            visibility_timeout_seconds=visibility_timeout_seconds, user=ack.user, authorize=ack.authorize,
+        )  # fmt: skip
+        return queue, statuses, messages
 
-    queue, messages = await hop(first)()
+    queue, statuses, messages = await hop(first)()
     remaining = deadline - loop.time()
     if messages or remaining <= 0:
-        return messages
-    return await receive(
+        return statuses, messages
+    return statuses, await receive(
         queue=queue, max_messages=max_messages, wait_seconds=remaining,
         visibility_timeout_seconds=visibility_timeout_seconds,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AckFirst:
+    """Receipts a receive acks before it leases (and who acks them, for the permission check)."""
+
+    receipts: Sequence[str]
+    user: Any
+    authorize: Callable[[Queue], bool]
 
 
 def unpin_request_threads() -> None:

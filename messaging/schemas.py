@@ -231,6 +231,12 @@ class ReceiveIn(In):
     max_messages: int = Field(1, ge=1, le=1000)
     wait_seconds: float = Field(0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
     visibility_timeout_seconds: int | None = Field(None, ge=1, le=MAX_LEASE_SECONDS)
+    ack: list[Receipt] | None = Field(
+        None,
+        max_length=1000,
+        description="receipts to acknowledge first, in the same commit as the lease (one request "
+        "instead of an /ack and a receive); their statuses come back in `acked`",
+    )
 
 
 class ReceivedOut(Out):
@@ -248,8 +254,16 @@ class ReceivedOut(Out):
     redelivered: bool
 
 
+class ReceiptResultOut(Out):
+    receipt: str
+    status: Literal["ok", "stale_receipt"]
+
+
 class ReceiveOut(Out):
     messages: list[ReceivedOut]
+    acked: list[ReceiptResultOut] | None = Field(
+        None, description="only when the request carried `ack`: one status per receipt, in its order"
+    )
 
 
 class BrowsedOut(Out):
@@ -289,11 +303,6 @@ class NackIn(In):
 class ExtendIn(In):
     receipts: list[Receipt] = Field(min_length=1, max_length=1000)
     visibility_timeout_seconds: int = Field(ge=1, le=MAX_LEASE_SECONDS)
-
-
-class ReceiptResultOut(Out):
-    receipt: str
-    status: Literal["ok", "stale_receipt"]
 
 
 class ResultsOut(Out):

@@ -68,9 +68,12 @@ class Route:
         messages are copied field by field (validating what the broker built is a tenth of a
         100-message receive's CPU); tests/api/test_express.py checks both lanes answer alike."""
         fields = _MESSAGE_FIELDS.get(self.out)
-        if fields is not None:
-            return {"messages": [{f: getattr(m, f) for f in fields} for m in result["messages"]]}
-        return self.out.model_validate(result).model_dump()
+        if fields is None:
+            return self.out.model_validate(result).model_dump()
+        rendered: dict[str, Any] = {"messages": [{f: getattr(m, f) for f in fields} for m in result["messages"]]}
+        if "acked" in result:  # a receive that carried `ack` (receipts as sent, and broker statuses)
+            rendered["acked"] = result["acked"]
+        return rendered
 
 
 _MESSAGE_FIELDS = {PublishOut: tuple(PublishedOut.model_fields), ReceiveOut: tuple(ReceivedOut.model_fields)}

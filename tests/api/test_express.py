@@ -135,9 +135,29 @@ def test_ack__results_alike_on_both(servers: tuple[Server, Server], queues: None
     assert answers[0][0][1]["results"][-1]["status"] == "stale_receipt"
 
 
+def test_receive_carrying_ack__results_alike_on_both(
+    servers: tuple[Server, Server], queues: None, alice: Any, token_for: Any
+):
+    token = token_for(alice)
+    answers = []
+    for server, queue in zip(servers, ("q-fast", "q-slow"), strict=True):
+        _send(server, "POST", f"/queues/{queue}/messages", token, {"messages": [{"body": "1"}, {"body": "2"}]})
+        got = _send(server, "POST", f"/queues/{queue}/receive", token, {}).json()["messages"]
+        receipts = [m["receipt"] for m in got] + ["d1.nope"]
+        r = _send(server, "POST", f"/queues/{queue}/receive", token, {"ack": receipts})
+        assert r.status_code == 200, r.text
+        assert [m["body"] for m in r.json()["messages"]] == ["2"]
+        assert r.json()["acked"][0]["receipt"] == receipts[0]
+        answers.append(_normal(json.loads(r.text.replace(queue, "{q}"))))
+    assert answers[0] == answers[1]
+    assert [a["status"] for a in answers[0]["acked"]] == ["ok", "stale_receipt"]
+
+
 @pytest.mark.parametrize(
     "path, body",
     [
+        ("/queues/{q}/receive", {"ack": "d1.x"}),  # 400 from the schema
+        ("/queues/{q}/receive", {"ack": ["d1.x"] * 1001}),  # 400 from the schema
         ("/queues/nowhere/messages", {"body": "x"}),  # 404 queue_not_found
         ("/queues/{q}/messages", {"body": "x", "priority": 99}),  # 400 from the schema
         ("/queues/{q}/messages", b"{not json"),  # 400 cannot parse
