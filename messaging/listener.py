@@ -87,6 +87,7 @@ class Listener:
         self._listening = threading.Event()
         self._ready_waiters: set[asyncio.Future[None]] = set()
         self.connections_made = 0  # how many times LISTEN was (re)established; for tests and stats
+        self.backend_pid: int | None = None  # the LISTEN session's server pid (pg_stat_activity.pid)
 
     # ------------------------------------------------------------------ control
 
@@ -159,6 +160,7 @@ class Listener:
             try:
                 async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                    self.backend_pid = conn.info.backend_pid
                     self._now_listening()
                     backoff = FIRST_BACKOFF_SECONDS
                     await self._pump(conn)

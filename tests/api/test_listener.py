@@ -37,11 +37,14 @@ def _notify(payload: str) -> None:
         cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload])
 
 
-def _kill_listener_sessions() -> int:
+def _kill_our_listener_session() -> int:
+    """Terminate this process's LISTEN session; other servers' (session-scoped daphnes that other
+    test modules started) are left alone."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = 'pegasus-listener' AND datname = current_database()"
+            "WHERE application_name = 'pegasus-listener' AND datname = current_database() AND pid = %s",
+            [listener.listener.backend_pid],
         )
         return int(cursor.fetchone()[0])
 
@@ -64,7 +67,7 @@ async def test_listener__reconnects_after_its_session_is_killed():
     listener.ensure_started()
     assert await listener.wait_listening(10)
     before = listener.listener.connections_made
-    assert await database_sync_to_async(_kill_listener_sessions)() == 1
+    assert await database_sync_to_async(_kill_our_listener_session)() == 1
     for _ in range(100):  # reconnects after a short backoff
         if listener.listener.connections_made > before and listener.listener.is_listening:
             break
