@@ -84,11 +84,13 @@ async def test_listener__reconnects_after_its_session_is_killed():
 def test_stop__closes_the_connection():
     listener.ensure_started()
     assert asyncio.run(listener.wait_listening(10))
+    ours = listener.listener.backend_pid
     listener.stop()
-    with connection.cursor() as cursor:
+    with connection.cursor() as cursor:  # other servers' listeners (tests/ws) may be there too
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pegasus-listener' "
-            "AND datname = current_database()"
+            "AND datname = current_database() AND pid = %s",
+            [ours],
         )
         assert cursor.fetchone()[0] == 0
 
