@@ -15,11 +15,12 @@ from typing import Any
 
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import InterfaceError, OperationalError
 
 from messaging import access, broker
-from messaging.exceptions import BrokerError
+from messaging.exceptions import BrokerError, Unavailable
 from messaging.push import CLOSE_BAD_FRAME, CLOSE_TOO_LARGE, CLOSE_UNAUTHORIZED, Pusher, live_settings
-from messaging.session import Destination, Session, authenticate, credentials
+from messaging.session import ClosesSessionOnExit, Destination, Session, authenticate, credentials
 
 log = logging.getLogger("pegasus.ws")
 
@@ -34,7 +35,7 @@ class Malformed(Exception):
     """A frame that breaks the protocol: answered, then the connection closes."""
 
 
-class JsonConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+class JsonConsumer(ClosesSessionOnExit, AsyncWebsocketConsumer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = live_settings()
@@ -106,6 +107,13 @@ class JsonConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         except BrokerError as exc:
             await self._send({"op": "error", "corr": corr, "code": exc.code, "message": exc.message})
             return
+        except (OperationalError, InterfaceError) as exc:
+            # The database is away (a restart, a killed session): answered as REST answers 503,
+            # and the connection stays; the operation changed nothing, so the client may retry.
+            log.warning("ws %s: database unavailable: %s", op, exc)
+            unavailable = Unavailable()
+            await self._send({"op": "error", "corr": corr, "code": unavailable.code, "message": unavailable.message})
+            return
         if reply is not None:
             await self._send({"op": reply.pop("op", "ok"), "corr": corr, **reply})
 
@@ -156,6 +164,11 @@ class JsonConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             results = await publish
         except BrokerError as exc:
             await self._send({"op": "error", "corr": corr, "code": exc.code, "message": exc.message})
+            return
+        except (OperationalError, InterfaceError) as exc:  # as _dispatch answers it
+            log.warning("ws publish: database unavailable: %s", exc)
+            unavailable = Unavailable()
+            await self._send({"op": "error", "corr": corr, "code": unavailable.code, "message": unavailable.message})
             return
         except Exception:  # unexpected: logged, answered, and the connection stays open
             log.exception("publish failed")

@@ -248,6 +248,26 @@ class Session:
         return max(0.5, min([self.settings.tick_seconds, *timeouts]))
 
 
+# ---------------------------------------------------------------------- the consumers' end
+
+
+class ClosesSessionOnExit:
+    """For the WebSocket consumers (JSON and STOMP): close the session whenever the consumer
+    ends. Channels calls disconnect() only for a connection that closes; a consumer that raised
+    ends without it, and its session would live on: its pushers taking hand-offs for a gone
+    connection, its ticker extending their leases for as long as the process runs (found by
+    scenario 4: messages held leased for minutes after a frame's database error escaped)."""
+
+    session: Session | None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)  # type: ignore[misc]
+        finally:
+            if self.session is not None:
+                await self.session.close()  # idempotent: disconnect() may have closed it
+
+
 # ---------------------------------------------------------------------- revoked tokens
 
 

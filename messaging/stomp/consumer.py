@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import InterfaceError, OperationalError
 
 from messaging import broker
-from messaging.exceptions import BrokerError, InvalidRequest, NotAuthenticated
+from messaging.exceptions import BrokerError, InvalidRequest, NotAuthenticated, Unavailable
 from messaging.push import (
     CLOSE_BAD_FRAME,
     CLOSE_NORMAL,
@@ -26,7 +27,14 @@ from messaging.push import (
     Pusher,
     live_settings,
 )
-from messaging.session import Destination, Session, authenticate, credentials, parse_destination
+from messaging.session import (
+    ClosesSessionOnExit,
+    Destination,
+    Session,
+    authenticate,
+    credentials,
+    parse_destination,
+)
 from messaging.stomp.frames import Frame, FrameError, FrameTooLarge, Parser, render
 
 log = logging.getLogger("pegasus.stomp")
@@ -59,7 +67,7 @@ class StompError(Exception):
         return exc if isinstance(exc, StompError) else cls(exc.code, exc.message)
 
 
-class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+class StompConsumer(ClosesSessionOnExit, AsyncWebsocketConsumer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = live_settings()
@@ -126,6 +134,10 @@ class StompConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             await self._dispatch(frame)
         except (StompError, BrokerError) as exc:
             await self._fail(StompError.of(exc), receipt=receipt)
+            return
+        except (OperationalError, InterfaceError) as exc:  # the database is away: an ERROR frame
+            log.warning("stomp %s: database unavailable: %s", frame.command, exc)
+            await self._fail(StompError.of(Unavailable()), receipt=receipt)
             return
         if receipt is not None and frame.command not in ("CONNECT", "STOMP") and not self.closing:
             await self._send_frame("RECEIPT", {"receipt-id": receipt})
