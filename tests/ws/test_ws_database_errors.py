@@ -43,7 +43,8 @@ async def _json_client(token: str) -> WebsocketCommunicator:
 
 
 async def _frame(client: WebsocketCommunicator) -> dict[str, Any]:
-    return json.loads(await client.receive_from(timeout=10))
+    frame: dict[str, Any] = json.loads(await client.receive_from(timeout=10))
+    return frame
 
 
 @pytest.fixture
