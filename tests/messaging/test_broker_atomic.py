@@ -9,20 +9,19 @@ and the publish was answered 201 though nothing was stored.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.db import DatabaseError, OperationalError, connection, transaction
 
 from messaging import broker, push
 from messaging.broker import bulk
 from messaging.broker.common import atomic
 from messaging.models import Delivery, Message
+from tests.threads import in_thread, recording_pusher, until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -76,14 +75,8 @@ def test_publish__a_doomed_transaction_is_an_error_not_a_confirmation(queue_fact
 async def test_hand_off__connection_killed_during_its_claim_fails_the_publish(queue_factory: Any, monkeypatch: Any):
     """The real thing: a waiting pusher, and the publish's own backend terminated while the
     hand-off claims for it. The publish must raise; the pusher must be free to claim again."""
-    queue = await _in_thread(queue_factory)("handoff")
-    pushed: list[broker.ReceivedMessage] = []
-
-    async def deliver(_: push.Pusher, messages: Sequence[broker.ReceivedMessage]) -> None:
-        pushed.extend(messages)
-
-    pusher = push.Pusher(key="s", queue=queue, prefetch=10, auto_ack=False, deliver=deliver, recheck_seconds=30)
-    pusher.start()
+    queue = await in_thread(queue_factory)("handoff")
+    pusher, pushed = recording_pusher(queue)
     publisher: list[threading.Thread] = []
     real = bulk.claim
 
@@ -96,39 +89,21 @@ async def test_hand_off__connection_killed_during_its_claim_fails_the_publish(qu
 
     monkeypatch.setattr(bulk, "claim", killed_on_the_publisher)
     try:
-        await _until(lambda: queue.pk in push._TAKEABLE)
+        await until(lambda: queue.pk in push._TAKEABLE)
 
         def publish() -> Any:
             publisher.append(threading.current_thread())
             return broker.publish(queue=queue, messages=[broker.OutgoingMessage(body="never confirmed")])
 
         with pytest.raises(DatabaseError):
-            await _in_thread(publish)()
+            await in_thread(publish)()
         publisher.clear()  # executor threads are reused: kill no more
-        assert not await _in_thread(Delivery.objects.exists)()
-        await _until(lambda: queue.pk in push._TAKEABLE)  # settled: takeable again
-        published = await _in_thread(broker.publish)(queue=queue, messages=[broker.OutgoingMessage(body="kept")])
-        await _until(lambda: bool(pushed))
+        assert not await in_thread(Delivery.objects.exists)()
+        await until(lambda: queue.pk in push._TAKEABLE)  # settled: takeable again
+        published = await in_thread(broker.publish)(queue=queue, messages=[broker.OutgoingMessage(body="kept")])
+        await until(lambda: bool(pushed))
         assert [m.id for m in pushed] == [published[0].id]
     finally:
         await pusher.stop()
         with contextlib.suppress(Exception):
-            await _in_thread(broker.nack)(receipts=list(pusher.unacked))
-
-
-def _in_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            connection.close()
-
-    return sync_to_async(run, thread_sensitive=False)
-
-
-async def _until(check: Callable[[], bool], seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
+            await in_thread(broker.nack)(receipts=list(pusher.unacked))

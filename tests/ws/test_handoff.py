@@ -3,19 +3,18 @@ consumer inside the same transaction and pushes them the moment it commits."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connection, transaction
+from django.db import transaction
 from websockets.sync.client import ClientConnection, connect
 
 from messaging import broker, push
 from messaging.models import Delivery, State
+from tests.threads import in_thread, recording_pusher, until
 from tests.ws.conftest import WAIT, Server, settle
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -86,16 +85,10 @@ def test_prefetch_limits_what_a_hand_off_claims(ws: ClientConnection, queue_fact
 
 
 async def test_a_rolled_back_hand_off_changes_nothing_and_the_pusher_waits_again(queue_factory: Any) -> None:
-    queue = await _in_thread(queue_factory)("handoff")
-    pushed: list[broker.ReceivedMessage] = []
-
-    async def deliver(_: push.Pusher, messages: Sequence[broker.ReceivedMessage]) -> None:
-        pushed.extend(messages)
-
-    pusher = push.Pusher(key="s", queue=queue, prefetch=10, auto_ack=False, deliver=deliver, recheck_seconds=30)
-    pusher.start()
+    queue = await in_thread(queue_factory)("handoff")
+    pusher, pushed = recording_pusher(queue)
     try:
-        await _until(lambda: queue.pk in push._TAKEABLE)
+        await until(lambda: queue.pk in push._TAKEABLE, WAIT)
 
         def publish_then_fail() -> None:
             with transaction.atomic():
@@ -104,36 +97,15 @@ async def test_a_rolled_back_hand_off_changes_nothing_and_the_pusher_waits_again
                 raise RuntimeError("roll back")
 
         with pytest.raises(RuntimeError):
-            await _in_thread(publish_then_fail)()
-        await _until(lambda: queue.pk in push._TAKEABLE)  # told of the rollback: takeable again
+            await in_thread(publish_then_fail)()
+        await until(lambda: queue.pk in push._TAKEABLE, WAIT)  # told of the rollback: takeable again
         assert pushed == [] and pusher.unacked == {}
-        assert not await _in_thread(Delivery.objects.exists)()
+        assert not await in_thread(Delivery.objects.exists)()
 
-        published = await _in_thread(broker.publish)(queue=queue, messages=[broker.OutgoingMessage(body="kept")])
-        await _until(lambda: bool(pushed))
+        published = await in_thread(broker.publish)(queue=queue, messages=[broker.OutgoingMessage(body="kept")])
+        await until(lambda: bool(pushed), WAIT)
         assert [m.id for m in pushed] == [published[0].id] and list(pusher.unacked) == [pushed[0].receipt]
     finally:
         await pusher.stop()
         with contextlib.suppress(Exception):
-            await _in_thread(broker.nack)(receipts=list(pusher.unacked))
-
-
-def _in_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` on a worker thread that closes its database connection afterwards (or the test
-    database could not be dropped at the end of the session)."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            connection.close()
-
-    return sync_to_async(run, thread_sensitive=False)
-
-
-async def _until(check: Callable[[], bool]) -> None:
-    for _ in range(int(WAIT / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
+            await in_thread(broker.nack)(receipts=list(pusher.unacked))

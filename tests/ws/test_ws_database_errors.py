@@ -10,19 +10,18 @@ These run the consumers in-process (channels' WebsocketCommunicator) to inject t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.db import OperationalError, connection
+from django.db import OperationalError
 
 from messaging import broker, group_commit, push, tokens
 from messaging.consumers import JsonConsumer
 from messaging.models import Consumer
 from messaging.session import Session
 from messaging.stomp.consumer import StompConsumer
+from tests.threads import in_thread
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,7 +54,7 @@ def token(alice: Any) -> str:
 async def test_json__database_error_is_an_unavailable_frame_and_the_connection_stays(
     token: str, queue_factory: Any, monkeypatch: Any
 ):
-    await _in_thread(queue_factory)("q")
+    await in_thread(queue_factory)("q")
     client = await _json_client(token)
     try:
         monkeypatch.setattr(broker, "ack", _down)
@@ -75,11 +74,11 @@ async def test_json__database_error_is_an_unavailable_frame_and_the_connection_s
 
 
 async def test_json__a_consumer_that_crashes_still_closes_its_session(token: str, queue_factory: Any, monkeypatch: Any):
-    queue = await _in_thread(queue_factory)("q")
+    queue = await in_thread(queue_factory)("q")
     client = await _json_client(token)
     await client.send_to(text_data=json.dumps({"op": "subscribe", "id": "s", "queue": "q", "prefetch": 5}))
     assert (await _frame(client))["op"] == "ok"
-    assert await _in_thread(Consumer.objects.filter(queue=queue).exists)()
+    assert await in_thread(Consumer.objects.filter(queue=queue).exists)()
 
     async def crash(self: Session, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in a frame's operation")
@@ -90,13 +89,13 @@ async def test_json__a_consumer_that_crashes_still_closes_its_session(token: str
         await client.wait(timeout=10)  # the consumer died of it
     # Closed all the same: the pusher stopped (no longer takeable) and unregistered.
     assert queue.pk not in push._TAKEABLE
-    assert not await _in_thread(Consumer.objects.filter(queue=queue).exists)()
+    assert not await in_thread(Consumer.objects.filter(queue=queue).exists)()
 
 
 async def test_stomp__database_error_is_an_error_frame_and_the_session_closes(
     token: str, queue_factory: Any, monkeypatch: Any
 ):
-    queue = await _in_thread(queue_factory)("q")
+    queue = await in_thread(queue_factory)("q")
     client = WebsocketCommunicator(StompConsumer.as_asgi(), "/ws/stomp/", subprotocols=["v12.stomp"])
     connected, _ = await client.connect()
     assert connected
@@ -110,17 +109,4 @@ async def test_stomp__database_error_is_an_error_frame_and_the_session_closes(
     assert (await client.receive_output(timeout=10))["type"] == "websocket.close"  # STOMP: ERROR closes
     await client.disconnect()
     assert queue.pk not in push._TAKEABLE
-    assert not await _in_thread(Consumer.objects.filter(queue=queue).exists)()
-
-
-def _in_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` on a worker thread that closes its database connection afterwards (or the test
-    database could not be dropped at the end of the session)."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            connection.close()
-
-    return sync_to_async(run, thread_sensitive=False)
+    assert not await in_thread(Consumer.objects.filter(queue=queue).exists)()
