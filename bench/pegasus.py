@@ -129,6 +129,10 @@ async def drain_rest(
     async def worker() -> None:
         nonlocal acked, received
         client = peg.client()
+
+        async def ack(receipts: list[str]) -> int:
+            return count_ok((await client.request("POST", f"{API}/ack", {"receipts": receipts}))["results"])
+
         receipts: list[str] = []
         # Stop on what was received, not acked: riding acks lag a batch behind, and one more
         # receive of the then empty queue would wait out its wait_seconds.
@@ -143,10 +147,10 @@ async def drain_rest(
             if not receipts:
                 break
             if not ride_acks:
-                acked += count_ok((await client.request("POST", f"{API}/ack", {"receipts": receipts}))["results"])
+                acked += await ack(receipts)
                 receipts = []
         if receipts:
-            acked += count_ok((await client.request("POST", f"{API}/ack", {"receipts": receipts}))["results"])
+            acked += await ack(receipts)
         await client.close()
 
     await asyncio.gather(*(worker() for _ in range(clients)))

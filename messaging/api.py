@@ -99,7 +99,11 @@ def _topic_out(topic: Topic) -> dict[str, Any]:
 
 def _results(receipts: list[str], statuses: list[str]) -> dict[str, Any]:
     broker.require_some_ok(statuses)
-    return {"results": [{"receipt": r, "status": s} for r, s in zip(receipts, statuses, strict=True)]}
+    return {"results": _paired(receipts, statuses)}
+
+
+def _paired(receipts: list[str], statuses: list[str]) -> list[dict[str, str]]:
+    return [{"receipt": r, "status": s} for r, s in zip(receipts, statuses, strict=True)]
 
 
 # --------------------------------------------------------------------------- queues
@@ -207,8 +211,7 @@ async def _receive(user: Any, lookup: Callable[[], Queue], payload: ReceiveIn) -
     )
     if payload.ack is None:
         return {"messages": messages}
-    acked = [{"receipt": r, "status": s} for r, s in zip(payload.ack, statuses, strict=True)]
-    return {"messages": messages, "acked": acked}
+    return {"messages": messages, "acked": _paired(payload.ack, statuses)}
 
 
 async def publish_as(user: Any, kind: Kind, name: str, payload: PublishIn) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import InterfaceError, OperationalError
 
 from messaging import access, broker
-from messaging.exceptions import BrokerError, Unavailable
+from messaging.exceptions import DATABASE_UNAVAILABLE, BrokerError, as_broker_error
 from messaging.push import CLOSE_BAD_FRAME, CLOSE_TOO_LARGE, CLOSE_UNAUTHORIZED, Pusher, live_settings
 from messaging.session import ClosesSessionOnExit, Destination, Session, authenticate, credentials
 
@@ -104,15 +104,8 @@ class JsonConsumer(ClosesSessionOnExit, AsyncWebsocketConsumer):  # type: ignore
         corr = frame.get("corr")
         try:
             reply = await handler(frame)
-        except BrokerError as exc:
-            await self._send({"op": "error", "corr": corr, "code": exc.code, "message": exc.message})
-            return
-        except (OperationalError, InterfaceError) as exc:
-            # The database is away (a restart, a killed session): answered as REST answers 503,
-            # and the connection stays; the operation changed nothing, so the client may retry.
-            log.warning("ws %s: database unavailable: %s", op, exc)
-            unavailable = Unavailable()
-            await self._send({"op": "error", "corr": corr, "code": unavailable.code, "message": unavailable.message})
+        except (BrokerError, *DATABASE_UNAVAILABLE) as exc:  # the connection stays open
+            await self._error(corr, exc)
             return
         if reply is not None:
             await self._send({"op": reply.pop("op", "ok"), "corr": corr, **reply})
@@ -162,13 +155,8 @@ class JsonConsumer(ClosesSessionOnExit, AsyncWebsocketConsumer):  # type: ignore
     async def _confirm(self, corr: Any, publish: Awaitable[list[broker.PublishResult]]) -> None:
         try:
             results = await publish
-        except BrokerError as exc:
-            await self._send({"op": "error", "corr": corr, "code": exc.code, "message": exc.message})
-            return
-        except (OperationalError, InterfaceError) as exc:  # as _dispatch answers it
-            log.warning("ws publish: database unavailable: %s", exc)
-            unavailable = Unavailable()
-            await self._send({"op": "error", "corr": corr, "code": unavailable.code, "message": unavailable.message})
+        except (BrokerError, *DATABASE_UNAVAILABLE) as exc:
+            await self._error(corr, exc)
             return
         except Exception:  # unexpected: logged, answered, and the connection stays open
             log.exception("publish failed")
@@ -222,6 +210,14 @@ class JsonConsumer(ClosesSessionOnExit, AsyncWebsocketConsumer):  # type: ignore
     async def _send(self, frame: dict[str, Any]) -> None:
         if not self.closing:
             await self.send(text_data=json.dumps(frame, separators=(",", ":")))
+
+    async def _error(self, corr: Any, exc: BrokerError | OperationalError | InterfaceError) -> None:
+        """An operation's error frame (exceptions.as_broker_error: the database away is
+        `unavailable`, as REST answers 503)."""
+        if not isinstance(exc, BrokerError):
+            log.warning("ws: database unavailable: %s", exc)
+        error = as_broker_error(exc)
+        await self._send({"op": "error", "corr": corr, "code": error.code, "message": error.message})
 
     async def _fail(self, corr: Any, code: str, message: str, close_code: int) -> None:
         await self._send({"op": "error", "corr": corr, "code": code, "message": message})

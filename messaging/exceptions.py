@@ -3,6 +3,12 @@ pegasus_site/api.py maps them to JSON once, the WebSocket and STOMP adapters to 
 
 from __future__ import annotations
 
+from django.db import InterfaceError, OperationalError
+
+# What a lost or restarting database raises (Django's wrappers of psycopg's errors): answered as
+# Unavailable, 503 over REST and `unavailable` over WebSocket and STOMP.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+
 
 class BrokerError(Exception):
     """Broker error."""
@@ -138,3 +144,9 @@ class Unavailable(BrokerError):
     code = "unavailable"
     status = 503
     retry_after = 1.0
+
+
+def as_broker_error(exc: BrokerError | OperationalError | InterfaceError) -> BrokerError:
+    """The error an adapter answers: a BrokerError as it is, the database away as Unavailable
+    (the operation changed nothing, so the client may send it again)."""
+    return exc if isinstance(exc, BrokerError) else Unavailable()

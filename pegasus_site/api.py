@@ -23,7 +23,7 @@ from ninja.security import HttpBearer
 from messaging import longpoll, tokens
 from messaging.api import router
 from messaging.bridges.api import router as bridges_router
-from messaging.exceptions import BrokerError, NotAuthenticated, Unavailable
+from messaging.exceptions import DATABASE_UNAVAILABLE, BrokerError, NotAuthenticated, Unavailable
 
 log = logging.getLogger("pegasus.api")
 
@@ -112,7 +112,7 @@ def describe_exception(exc: Exception, where: str = "") -> tuple[int, str, str, 
         if isinstance(exc, NotAuthenticated):
             headers = {"WWW-Authenticate": "Bearer"}
         return exc.status, exc.code, exc.message, headers
-    if isinstance(exc, OperationalError | InterfaceError):
+    if isinstance(exc, DATABASE_UNAVAILABLE):
         log.warning("database unavailable: %s", exc)
         return 503, Unavailable.code, Unavailable().message, {"Retry-After": str(RETRY_AFTER_SECONDS)}
     if isinstance(exc, DataError):

@@ -14,10 +14,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.db import InterfaceError, OperationalError
 
 from messaging import broker
-from messaging.exceptions import BrokerError, InvalidRequest, NotAuthenticated, Unavailable
+from messaging.exceptions import DATABASE_UNAVAILABLE, BrokerError, InvalidRequest, NotAuthenticated, as_broker_error
 from messaging.push import (
     CLOSE_BAD_FRAME,
     CLOSE_NORMAL,
@@ -132,12 +131,9 @@ class StompConsumer(ClosesSessionOnExit, AsyncWebsocketConsumer):  # type: ignor
             return
         try:
             await self._dispatch(frame)
-        except (StompError, BrokerError) as exc:
-            await self._fail(StompError.of(exc), receipt=receipt)
-            return
-        except (OperationalError, InterfaceError) as exc:  # the database is away: an ERROR frame
-            log.warning("stomp %s: database unavailable: %s", frame.command, exc)
-            await self._fail(StompError.of(Unavailable()), receipt=receipt)
+        except (StompError, BrokerError, *DATABASE_UNAVAILABLE) as exc:  # the database away: ERROR unavailable
+            error = exc if isinstance(exc, StompError) else as_broker_error(exc)
+            await self._fail(StompError.of(error), receipt=receipt)
             return
         if receipt is not None and frame.command not in ("CONNECT", "STOMP") and not self.closing:
             await self._send_frame("RECEIPT", {"receipt-id": receipt})
