@@ -27,7 +27,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import IntegrityError, close_old_connections
 
-from messaging import access, broker, longpoll
+from messaging import access, broker, longpoll, write_behind
 from messaging.broker import destinations
 from messaging.exceptions import BrokerError
 
@@ -49,6 +49,7 @@ class Publish:
     name: str
     messages: Sequence[broker.OutgoingMessage]
     ordered: bool = True
+    ids: Sequence[int] | None = None  # taken in advance (messaging/write_behind.py)
 
 
 @dataclass
@@ -156,41 +157,56 @@ def _run_round_and_close(publishes: Sequence[Publish]) -> list[list[broker.Publi
         close_old_connections()  # give the connection back to the pool (CONN_MAX_AGE=0)
 
 
-def run_round(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] | Exception]:
+def run_round(
+    publishes: Sequence[Publish], allowed: dict[tuple[Any, access.Kind, str], Any] | None = None
+) -> list[list[broker.PublishResult] | Exception]:
     """One round, in the database thread: check each publish's access (once per user and
-    destination), then publish them together (broker.publish_many).
+    destination), then publish them together (broker.publish_many). `allowed`, when given, is
+    filled with what each access check returned: {(user pk, kind, name): Queue or Topic}.
 
     Queues are looked up with recent_ok (a row read in the last second will do). If one was
     deleted meanwhile by another process, its publishes fail on the foreign key and nothing is
     written; those are tried once more with fresh lookups, so they answer as if looked up now
     (404, or published to the queue created again under that name)."""
-    outcomes = _run_round(publishes, recent_ok=True)
+    allowed = {} if allowed is None else allowed
+    outcomes = _run_round(publishes, recent_ok=True, allowed=allowed)
     stale = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, IntegrityError)]
     if stale:
         destinations.forget_recent_queues()
-        for i, outcome in zip(stale, _run_round([publishes[i] for i in stale], recent_ok=False), strict=True):
+        allowed.clear()
+        retried = _run_round([publishes[i] for i in stale], recent_ok=False, allowed=allowed)
+        for i, outcome in zip(stale, retried, strict=True):
             outcomes[i] = outcome
     return outcomes
 
 
-def _run_round(publishes: Sequence[Publish], *, recent_ok: bool) -> list[list[broker.PublishResult] | Exception]:
+def _run_round(
+    publishes: Sequence[Publish], *, recent_ok: bool, allowed: dict[tuple[Any, access.Kind, str], Any]
+) -> list[list[broker.PublishResult] | Exception]:
     outcomes: list[list[broker.PublishResult] | Exception | None] = [None] * len(publishes)
-    allowed: dict[tuple[Any, access.Kind, str], Any] = {}
+    refused: dict[tuple[Any, access.Kind, str], BrokerError] = {}
     requests: list[broker.PublishRequest] = []
     indexes: list[int] = []
     for i, p in enumerate(publishes):
-        try:
-            key = (getattr(p.user, "pk", None), p.kind, p.name)
-            if key not in allowed:
-                allowed[key] = _access(p, recent_ok=recent_ok)
-            target = allowed[key]
-        except BrokerError as exc:
-            outcomes[i] = exc
+        key = (getattr(p.user, "pk", None), p.kind, p.name)
+        if key in refused:
+            outcomes[i] = refused[key]
             continue
+        if key not in allowed:
+            try:
+                allowed[key] = _access(p, recent_ok=recent_ok)
+            except BrokerError as exc:
+                outcomes[i] = refused[key] = exc
+                continue
+        target = allowed[key]
         is_queue = p.kind is access.Kind.QUEUE
         requests.append(
             broker.PublishRequest(
-                queue=target if is_queue else None, topic=None if is_queue else target, messages=p.messages, user=p.user
+                queue=target if is_queue else None,
+                topic=None if is_queue else target,
+                messages=p.messages,
+                user=p.user,
+                ids=p.ids,
             )
         )
         indexes.append(i)
@@ -213,7 +229,11 @@ async def publish(
 ) -> list[broker.PublishResult]:
     """Publish `messages` to the queue or topic `name` as `user` (send access is checked in the
     round), committed together with the publishes around it. Same contract as `broker.publish`
-    outside a transaction; publishes inside one call broker.publish directly."""
+    outside a transaction; publishes inside one call broker.publish directly. Publishes of only
+    non-durable messages go to this process's writer instead (messaging/write_behind.py), which
+    may answer them before they are written."""
+    if write_behind.takes(messages):
+        return await write_behind.WRITER.publish(Publish(user=user, kind=kind, name=name, messages=messages))
     loop = asyncio.get_running_loop()
     committer = _committers.get(loop)
     if committer is None:

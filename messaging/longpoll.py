@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 from asgiref.sync import AsyncToSync, sync_to_async
 from django.db import close_old_connections, connection
 
-from messaging import broker, listener
+from messaging import broker, listener, write_behind
 from messaging.doorbell import doorbell
 from messaging.models import Queue
 
@@ -108,6 +108,7 @@ async def receive_from(
     once: a wait that follows only receives. Returns (ack statuses, messages)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
+    await write_behind.WRITER.caught_up()  # what this process answered is there to receive
 
     def first() -> tuple[Queue, list[str], list[broker.ReceivedMessage]]:
         queue = lookup()

@@ -69,7 +69,7 @@ from messaging.broker.operator import (
     retry_dead_letters,
     set_priority,
 )
-from messaging.broker.publishing import PublishRequest, publish, publish_many
+from messaging.broker.publishing import PublishRequest, check_publish, publish, publish_many
 from messaging.broker.transactions import begin, commit, get_transaction, list_transactions, prepare, rollback
 from messaging.exceptions import StaleReceipt
 
@@ -92,6 +92,7 @@ __all__ = [
     "ack",
     "ack_and_receive",
     "begin",
+    "check_publish",
     "commit",
     "create_queue",
     "create_subscription",

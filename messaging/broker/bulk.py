@@ -27,20 +27,23 @@ from messaging.models import State
 # queue ids it is routed to (q), so one row can become several deliveries (a topic's fan-out).
 # Message ids come from the identity sequence in the order the rows are inserted (ORDER BY ord),
 # so numbering the returned ids gives each input row its id (Django's bulk_create relies on the
-# same ordering). Data-modifying CTEs always run to completion, whether the final SELECT reads
-# them or not.
+# same ordering). Ids taken in advance (`i`, messaging/write_behind.py) are inserted as given and
+# matched by value instead. Data-modifying CTEs always run to completion, whether the final
+# SELECT reads them or not.
 _PUBLISH_SQL = """
 WITH u AS (
   SELECT * FROM ROWS FROM (
-    json_to_recordset(%(batch)s::json) AS (b text, ct text, h jsonb, p smallint, d float8, t float8, q bigint[])
-  ) WITH ORDINALITY AS u(b, ct, h, p, d, t, q, ord)
+    json_to_recordset(%(batch)s::json) AS (b text, ct text, h jsonb, p smallint, d float8, t float8, q bigint[],
+                                           i bigint)
+  ) WITH ORDINALITY AS u(b, ct, h, p, d, t, q, i, ord)
 ), m AS (
-  INSERT INTO {message} (body, content_type, headers, priority, dedup_id, destination, published_at, expires_at)
-  SELECT u.b, u.ct, u.h, u.p, '', %(destination)s, %(now)s, %(now)s + make_interval(secs => u.t)
+  INSERT INTO {message} ({id_column}body, content_type, headers, priority, dedup_id, destination, published_at,
+                         expires_at)
+  SELECT {id_value}u.b, u.ct, u.h, u.p, '', %(destination)s, %(now)s, %(now)s + make_interval(secs => u.t)
   FROM u ORDER BY u.ord
   RETURNING id, expires_at
 ), n AS (
-  SELECT id, expires_at, row_number() OVER (ORDER BY id) AS ord FROM m
+  {numbered}
 ), d AS (
   INSERT INTO {delivery} (message_id, queue_id, state, priority, visible_at, expires_at, delivery_count,
                           lease_token, transaction_id, dead_letter_reason)
@@ -53,6 +56,15 @@ WITH u AS (
 SELECT n.id FROM n LEFT JOIN notified ON true ORDER BY n.ord
 """
 
+_SEQUENCE_IDS = {
+    "id_column": "", "id_value": "",
+    "numbered": "SELECT id, expires_at, row_number() OVER (ORDER BY id) AS ord FROM m",
+}  # fmt: skip
+_GIVEN_IDS = {
+    "id_column": "id, ", "id_value": "u.i, ",
+    "numbered": "SELECT m.id, m.expires_at, u.ord FROM m JOIN u ON u.i = m.id",
+}  # fmt: skip
+
 
 def insert_messages(
     *,
@@ -63,21 +75,30 @@ def insert_messages(
     state: int,
     transaction_id: str | None,
     now: datetime,
+    ids: Sequence[int] | None = None,
 ) -> tuple[list[int], Counter[int]]:
-    """Insert `messages` (all new: no dedup ids) and their deliveries to the matching `targets`.
-    Returns the message pks in input order and the number of deliveries per queue pk."""
-    routed: Counter[int] = Counter()
+    """Insert `messages` (all new: no dedup ids) and their deliveries to the matching `targets`,
+    under the pks `ids` when given. Returns the message pks in input order and the number of
+    deliveries per queue pk."""
     unfiltered = [t.pk for t in targets if t.filter is None]
     filtered = [t for t in targets if t.filter is not None]
+    routed: Counter[int] = Counter({pk: len(messages) for pk in unfiltered})
     batch = []
-    for msg in messages:
-        queues = unfiltered + [t.pk for t in filtered if filters.matches(t.filter, msg.headers)]
-        routed.update(queues)
-        batch.append(
-            {"b": msg.body, "ct": msg.content_type, "h": msg.headers, "p": msg.priority,
-             "d": msg.delay_seconds, "t": msg.ttl_seconds or None, "q": queues}
-        )  # fmt: skip
-    sql = _PUBLISH_SQL.format(message=store.message._meta.db_table, delivery=store.delivery._meta.db_table)
+    for i, msg in enumerate(messages):
+        queues = unfiltered
+        if filtered:  # counted one by one only where a filter decides
+            matched = [t.pk for t in filtered if filters.matches(t.filter, msg.headers)]
+            routed.update(matched)
+            queues = unfiltered + matched
+        row = {"b": msg.body, "ct": msg.content_type, "h": msg.headers, "p": msg.priority,
+               "d": msg.delay_seconds, "t": msg.ttl_seconds or None, "q": queues}  # fmt: skip
+        if ids is not None:
+            row["i"] = ids[i]
+        batch.append(row)
+    sql = _PUBLISH_SQL.format(
+        message=store.message._meta.db_table, delivery=store.delivery._meta.db_table,
+        **(_GIVEN_IDS if ids is not None else _SEQUENCE_IDS),
+    )  # fmt: skip
     # Outside a messaging transaction the waiting consumers of every process are notified by
     # this same statement, delivered by PostgreSQL when it commits (messaging/events.py).
     notify = events.payload(routed) if transaction_id is None else ""

@@ -57,20 +57,25 @@ def publish(
     staged: invisible until commit, gone on rollback.
     """
     request = PublishRequest(queue=queue, topic=topic, messages=messages, transaction_id=transaction_id, user=user)
-    _check(request)
+    check_publish(request)
     with atomic():
         return _publish_checked(request)
 
 
 @dataclass(frozen=True)
 class PublishRequest:
-    """The arguments of one `publish` call, for `publish_many`."""
+    """The arguments of one `publish` call, for `publish_many`.
+
+    `ids`: message pks already taken from the non-durable store's sequence, one per message
+    (messaging/write_behind.py numbers its publishes in arrival order). Only for non-durable
+    messages outside a transaction; a duplicate's id goes unused."""
 
     messages: Sequence[OutgoingMessage]
     queue: Queue | None = None
     topic: Topic | None = None
     transaction_id: str | None = None
     user: Any = None
+    ids: Sequence[int] | None = None
 
 
 def publish_many(*, requests: Sequence[PublishRequest]) -> list[list[PublishResult] | Exception]:
@@ -88,7 +93,7 @@ def publish_many(*, requests: Sequence[PublishRequest]) -> list[list[PublishResu
     grouped: list[int] = []
     for i, request in enumerate(requests):
         try:
-            _check(request)
+            check_publish(request)
         except BrokerError as exc:
             outcomes[i] = exc
             continue
@@ -109,10 +114,11 @@ def _publish_group(
     # Requests to the same destination become one batch (one statement, one notify); each
     # gets its slice of the results back. In-batch dedup then spans them, in request order,
     # which is what publishing them one after the other would give.
-    by_destination: dict[tuple[str, int], list[int]] = {}
+    # Requests with ids taken in advance never share a batch with requests without.
+    by_destination: dict[tuple[str, int, bool], list[int]] = {}
     for i in grouped:
-        queue, topic = requests[i].queue, requests[i].topic
-        key = ("queue", queue.pk) if queue is not None else ("topic", topic.pk)  # type: ignore[union-attr]
+        queue, topic, preassigned = requests[i].queue, requests[i].topic, requests[i].ids is not None
+        key = ("queue", queue.pk, preassigned) if queue is not None else ("topic", topic.pk, preassigned)  # type: ignore[union-attr]
         by_destination.setdefault(key, []).append(i)
     body_done = False
     try:
@@ -120,7 +126,9 @@ def _publish_group(
             for indexes in by_destination.values():
                 first = requests[indexes[0]]
                 batch = [msg for i in indexes for msg in requests[i].messages]
-                results = _publish_checked(PublishRequest(queue=first.queue, topic=first.topic, messages=batch))
+                ids = None if first.ids is None else [pk for i in indexes for pk in requests[i].ids]  # type: ignore[union-attr]
+                merged = PublishRequest(queue=first.queue, topic=first.topic, messages=batch, ids=ids)
+                results = _publish_checked(merged)
                 start = 0
                 for i in indexes:
                     end = start + len(requests[i].messages)
@@ -144,7 +152,7 @@ def _publish_alone(request: PublishRequest) -> list[PublishResult] | Exception:
         return exc
 
 
-def _check(request: PublishRequest) -> None:
+def check_publish(request: PublishRequest) -> None:
     """Everything about a publish that needs no database: raises a BrokerError."""
     queue, topic, messages = request.queue, request.topic, request.messages
     if (queue is None) == (topic is None):
@@ -157,6 +165,11 @@ def _check(request: PublishRequest) -> None:
     max_bytes = queue.max_message_bytes if queue is not None else limits.default_max_message_bytes
     for msg in messages:
         validate_message(msg, max_bytes=max_bytes)
+    if request.ids is not None and (
+        len(request.ids) != len(messages) or request.transaction_id is not None
+        or any(msg.durable for msg in messages)
+    ):  # fmt: skip
+        raise InvalidRequest("Ids taken in advance are for non-durable messages outside transactions, one each.")
 
 
 def _publish_checked(request: PublishRequest) -> list[PublishResult]:
@@ -171,7 +184,7 @@ def _publish_checked(request: PublishRequest) -> list[PublishResult]:
     targets = [queue] if queue is not None else destinations.subscriptions_of(topic)  # type: ignore[arg-type]
     results = _publish_locked(
         destination=destination, targets=targets, messages=messages, window=window,
-        transaction_id=transaction_id, now=now,
+        transaction_id=transaction_id, now=now, ids=request.ids,
     )  # fmt: skip
     fresh = sum(not r.duplicate for r in results)
     per_key = {metrics.BROKER: fresh, **({("topic", topic.pk): fresh} if topic is not None else {})}
@@ -187,6 +200,7 @@ def _publish_locked(
     window: int,
     transaction_id: str | None,
     now: datetime,
+    ids: Sequence[int] | None = None,
 ) -> list[PublishResult]:
     results: list[PublishResult | None] = [None] * len(messages)
     first_in_batch: dict[str, int] = {}
@@ -199,13 +213,14 @@ def _publish_locked(
         fresh.append(i)
     if not first_in_batch and connection.vendor == "postgresql":
         return _publish_bulk(destination=destination, targets=targets, messages=messages,
-                             transaction_id=transaction_id, now=now)  # fmt: skip
+                             transaction_id=transaction_id, now=now, ids=ids)  # fmt: skip
 
     rows_by_store: dict[Store, list[tuple[int, MessageBase]]] = {}
     for i in fresh:
         msg = messages[i]
         store = store_for(msg.durable)
         row = store.message(
+            **({"id": ids[i]} if ids is not None else {}),
             body=msg.body,
             content_type=msg.content_type,
             headers=msg.headers,
@@ -256,9 +271,10 @@ def _publish_bulk(
     messages: Sequence[OutgoingMessage],
     transaction_id: str | None,
     now: datetime,
+    ids: Sequence[int] | None = None,
 ) -> list[PublishResult]:
     """_publish_locked on PostgreSQL for a batch without dedup ids: one statement per store
-    (broker/bulk.py) instead of ORM objects and two inserts."""
+    (broker/bulk.py) instead of ORM objects and two inserts. `ids`: see PublishRequest."""
     results: list[PublishResult | None] = [None] * len(messages)
     state = State.STAGED if transaction_id is not None else State.READY
     routed: Counter[int] = Counter()
@@ -268,7 +284,7 @@ def _publish_bulk(
             continue
         pks, per_queue = bulk.insert_messages(
             store=store, destination=destination, targets=targets, messages=[messages[i] for i in indexes],
-            state=state, transaction_id=transaction_id, now=now,
+            state=state, transaction_id=transaction_id, now=now, ids=None if ids is None else [ids[i] for i in indexes],
         )  # fmt: skip
         routed.update(per_queue)
         for i, pk in zip(indexes, pks, strict=True):
