@@ -190,15 +190,17 @@ async def receive_from_queue(request: HttpRequest, name: Name, payload: ReceiveI
 
 async def receive_queue_as(user: Any, name: str, payload: ReceiveIn) -> dict[str, Any]:
     lookup = partial(access.access_queue, user=user, name=name, action=Action.CONSUME)
-    return await _receive(user, lookup, payload)
+    return await _receive(user, lookup, payload, (Kind.QUEUE, name))
 
 
 async def receive_subscription_as(user: Any, topic: str, name: str, payload: ReceiveIn) -> dict[str, Any]:
     lookup = partial(access.access_subscription, user=user, topic=topic, name=name, action=Action.CONSUME)
-    return await _receive(user, lookup, payload)
+    return await _receive(user, lookup, payload, (Kind.TOPIC, topic))
 
 
-async def _receive(user: Any, lookup: Callable[[], Queue], payload: ReceiveIn) -> dict[str, Any]:
+async def _receive(
+    user: Any, lookup: Callable[[], Queue], payload: ReceiveIn, published_to: tuple[Kind, str]
+) -> dict[str, Any]:
     """The answer has `acked` only when the request carried `ack`. Unlike /ack, all-stale acks
     are no error here: the receive's messages still come back, with the statuses beside them."""
     ack = None if payload.ack is None else longpoll.AckFirst(payload.ack, user, access.may_consume(user))
@@ -208,6 +210,7 @@ async def _receive(user: Any, lookup: Callable[[], Queue], payload: ReceiveIn) -
         wait_seconds=payload.wait_seconds,
         visibility_timeout_seconds=payload.visibility_timeout_seconds,
         ack=ack,
+        published_to=published_to,
     )
     if payload.ack is None:
         return {"messages": messages}

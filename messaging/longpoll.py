@@ -101,6 +101,7 @@ async def receive_from(
     wait_seconds: float = 0,
     visibility_timeout_seconds: int | None = None,
     ack: AckFirst | None = None,
+    published_to: write_behind.Destination | None = None,
 ) -> tuple[list[str], list[broker.ReceivedMessage]]:
     """receive() from the queue `lookup` returns (an access check that fetches it): the lookup
     and the first attempt share ONE hop, which is all a receive from a non-empty queue takes.
@@ -108,7 +109,9 @@ async def receive_from(
     once: a wait that follows only receives. Returns (ack statuses, messages)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
-    await write_behind.WRITER.caught_up()  # what this process answered is there to receive
+    # What this process answered is there to receive (publishes to `published_to`, the queue or
+    # the subscription's topic; to anything, when not given).
+    await write_behind.WRITER.caught_up(published_to)
 
     def first() -> tuple[Queue, list[str], list[broker.ReceivedMessage]]:
         queue = lookup()

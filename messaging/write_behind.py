@@ -60,6 +60,7 @@ EXIT_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 2.0
 
 AccessKey = tuple[Any, access.Kind, str]
+Destination = tuple[access.Kind, str]  # what a publish names: a queue, or a topic
 
 
 @dataclass(eq=False)
@@ -69,6 +70,8 @@ class _Entry:
     early: bool
     waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None = None
     unnumbered: bool = False  # accepted without ids: the writer numbers it (see _number)
+    eligible: bool = False  # could have been answered early but for MAX_BEHIND: answered once there is room
+    renumbered: bool = False  # its ids collided once and were replaced
 
     @property
     def size(self) -> int:
@@ -98,8 +101,9 @@ class WriteBehind:
         self._next_seq = 0
         self._behind = 0  # messages answered early, not yet written or dropped
         self._unnumbered = 0  # entries accepted without ids, not yet numbered by the writer
+        self._waiting_for_room = 0  # eligible entries not yet answered
         self._allowed: dict[AccessKey, tuple[float, Any]] = {}  # key -> (valid until, Queue or Topic)
-        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, Destination | None, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._thread: threading.Thread | None = None
         self._closed = False
         self.dropped = 0  # messages answered early that could not be written (logged)
@@ -112,13 +116,17 @@ class WriteBehind:
         n = len(publish.messages)
         with self._lock:
             ids = self._number(n)
-            early = ids is not None and may_answer_now and self._behind + n <= MAX_BEHIND
+            eligible = ids is not None and may_answer_now
+            # Answers go out in arrival order: none before an earlier publish still waiting for room.
+            early = eligible and not self._waiting_for_room and self._behind + n <= MAX_BEHIND
             entry = _Entry(replace(publish, ids=ids), self._next_seq, early=early, unnumbered=ids is None)
             if early:
                 self._behind += n
             else:
                 future: asyncio.Future[list[broker.PublishResult]] = loop.create_future()
                 entry.waiter = (loop, future)
+                entry.eligible = eligible
+                self._waiting_for_room += eligible
             self._unnumbered += entry.unnumbered
             self._next_seq += 1
             self._queue.append(entry)
@@ -154,14 +162,16 @@ class WriteBehind:
             return None
         return [self._ids.popleft() for _ in range(n)]
 
-    async def caught_up(self) -> None:
-        """Return once every publish handed over before this call is written (or failed), or
-        after CATCH_UP_SECONDS. Immediate when nothing is pending."""
+    async def caught_up(self, destination: Destination | None = None) -> None:
+        """Return once every publish handed over before this call (to `destination`, a (kind,
+        name) pair, when given) is written or failed, or after CATCH_UP_SECONDS. Immediate when
+        none is pending: a receive from one queue never waits for publishes to another."""
         with self._lock:
-            if not self._queue and not self._writing:
+            seq = self._next_seq - 1
+            if not self._pending_up_to(seq, destination):
                 return
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append((self._next_seq - 1, asyncio.get_running_loop(), future))
+            self._waiters.append((seq, destination, asyncio.get_running_loop(), future))
         try:
             await asyncio.wait_for(asyncio.shield(future), CATCH_UP_SECONDS)
         except TimeoutError:
@@ -236,21 +246,26 @@ class WriteBehind:
             outcomes = [exc] * len(batch)
         until = time.monotonic() + destinations.QUEUE_CACHE_SECONDS
         retry: list[_Entry] = []
-        written = 0
+        answered_when_written = 0
         for entry, outcome in zip(batch, outcomes, strict=True):
-            if not entry.early:
-                _resolve(entry.waiter, outcome)
-            elif isinstance(outcome, OperationalError | InterfaceError):
-                retry.append(entry)
-            elif isinstance(outcome, IntegrityError) and entry.publish.ids is not None:
-                self._ids.clear()  # suspect: the sequence was restarted (PostgreSQL crash)
+            if isinstance(outcome, IntegrityError) and entry.publish.ids is not None and not entry.renumbered:
+                # The ids were taken (only after a PostgreSQL crash restarted the sequence):
+                # throw the reserve away and write it again under fresh ids (_number_late).
+                self._ids.clear()
                 entry.publish = replace(entry.publish, ids=None)
+                entry.renumbered = True
+                answered_when_written += entry.eligible  # no ids to answer with until written
+                entry.eligible = False
+                retry.append(entry)
+            elif not entry.early:
+                _resolve(entry.waiter, outcome)
+                answered_when_written += entry.eligible
+            elif isinstance(outcome, OperationalError | InterfaceError):
                 retry.append(entry)
             elif isinstance(outcome, Exception):
                 self._drop(entry, outcome)
-            else:
-                written += entry.size
         with self._lock:
+            self._waiting_for_room -= answered_when_written
             if len(self._allowed) > 10_000:
                 self._allowed.clear()
             for key, target in allowed.items():
@@ -258,8 +273,28 @@ class WriteBehind:
             self._behind -= sum(e.size for e in batch if e.early and e not in retry)
             self._writing = []
             self._queue.extendleft(reversed(retry))
+            self._answer_those_with_room()
             self._wake_waiters()
         return bool(retry)
+
+    def _answer_those_with_room(self) -> None:
+        """Under the lock: answer, in arrival order, the publishes that waited only for the
+        backlog to shrink, as far as MAX_BEHIND allows now. They need not wait for their own
+        round, so the writer always has the next ones queued while a fast publisher is held
+        to its pace (waiting for its own round instead left the writer idle between them)."""
+        if not self._waiting_for_room:
+            return
+        for entry in self._queue:
+            if not entry.eligible or entry.early:
+                continue
+            if self._behind + entry.size > MAX_BEHIND:
+                return
+            entry.early, entry.eligible = True, False
+            self._behind += entry.size
+            self._waiting_for_room -= 1
+            ids = entry.publish.ids or []
+            _resolve(entry.waiter, [broker.PublishResult(id=TRANSIENT.public_id(pk), duplicate=False) for pk in ids])
+            entry.waiter = None
 
     def _drop(self, entry: _Entry, reason: Exception) -> None:
         self.dropped += entry.size
@@ -287,16 +322,23 @@ class WriteBehind:
             self._ids.extend(fresh)
         return True
 
+    def _pending_up_to(self, seq: int, destination: Destination | None) -> bool:
+        """Under the lock: is a publish handed over at or before `seq` (to `destination`) not
+        yet written?"""
+        return any(
+            e.seq <= seq and (destination is None or (e.publish.kind, e.publish.name) == destination)
+            for entries in (self._writing, self._queue)
+            for e in entries
+        )
+
     def _wake_waiters(self) -> None:
-        """Under the lock: wake the receives waiting for publishes older than any still pending."""
-        pending = [e.seq for e in self._queue] + [e.seq for e in self._writing]
-        oldest = min(pending, default=self._next_seq)
-        still: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        for seq, loop, future in self._waiters:
-            if seq < oldest:
-                _resolve((loop, future), None)
+        """Under the lock: wake the receives whose publishes are all written."""
+        still = []
+        for seq, destination, loop, future in self._waiters:
+            if self._pending_up_to(seq, destination):
+                still.append((seq, destination, loop, future))
             else:
-                still.append((seq, loop, future))
+                _resolve((loop, future), None)
         self._waiters = still
         self._wake.notify_all()
 

@@ -180,21 +180,28 @@ class StompConsumer(ClosesSessionOnExit, AsyncWebsocketConsumer):  # type: ignor
         """A SEND outside a transaction joins the next group commit (messaging/group_commit.py)
         while the following frames are read, so a client sending many messages gets them
         committed together; its RECEIPT, the publisher confirm, follows the commit."""
+        earlier = self._sends[-1] if self._sends else None
         self._sends = [t for t in self._sends if not t.done()]
-        self._sends.append(asyncio.create_task(self._grouped_send(frame, receipt)))
+        self._sends.append(asyncio.create_task(self._grouped_send(frame, receipt, earlier)))
 
-    async def _grouped_send(self, frame: Frame, receipt: str | None) -> None:
+    async def _grouped_send(self, frame: Frame, receipt: str | None, earlier: asyncio.Task[None] | None) -> None:
+        """Publish, then answer once the SEND before it has answered: a non-durable SEND may be
+        confirmed before a durable one sent earlier is committed (messaging/write_behind.py),
+        and RECEIPTs and ERRORs go out in the order of the frames."""
+        outcome: StompError | None = None
         try:
             destination = parse_destination(_required(frame, "destination"))
             await self._session.publish_grouped(destination, [_outgoing(frame)])
         except (StompError, BrokerError) as exc:
-            await self._fail(StompError.of(exc), receipt=receipt)
-            return
+            outcome = StompError.of(exc)
         except Exception:  # the database is away, say: this connection fails, nothing else
             log.exception("STOMP publish failed")
-            await self._fail(StompError("internal error", "The message could not be stored."), receipt=receipt)
-            return
-        if receipt is not None:
+            outcome = StompError("internal error", "The message could not be stored.")
+        if earlier is not None:
+            await asyncio.gather(earlier, return_exceptions=True)
+        if outcome is not None:
+            await self._fail(outcome, receipt=receipt)
+        elif receipt is not None:
             await self._send_frame("RECEIPT", {"receipt-id": receipt})
 
     async def _drain_sends(self) -> None:

@@ -139,6 +139,25 @@ async def test_receive__in_this_process_sees_every_publish_answered_before_it(
     assert [m.id for m in received[1:]] == ids
 
 
+async def test_receive__waits_only_for_publishes_to_what_it_receives_from(
+    writer: write_behind.WriteBehind, admin: Any, monkeypatch: Any
+):
+    busy, quiet = await _create_queue("wb-busy"), await _create_queue("wb-quiet")
+    await _warm(writer, admin, "wb-busy")
+    gate = _held_back(monkeypatch)
+    await _publish(admin, "wb-busy", "pending")  # answered; its round is held back
+    _, received = await asyncio.wait_for(
+        longpoll.receive_from(lambda: quiet, published_to=(Kind.QUEUE, "wb-quiet")), 2
+    )  # not held up by wb-busy's backlog
+    assert received == []
+    waiting = asyncio.ensure_future(longpoll.receive_from(lambda: busy, published_to=(Kind.QUEUE, "wb-busy")))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # waits for "pending" to be written
+    gate.set()
+    _, received = await asyncio.wait_for(waiting, 5)
+    assert [m.body for m in received] == ["warm-up"]  # the oldest first; "pending" is there too
+
+
 async def test_publish__keeps_the_order_of_publishes_whether_answered_early_or_not(
     writer: write_behind.WriteBehind, admin: Any, monkeypatch: Any
 ):
@@ -232,6 +251,35 @@ async def test_publish__past_max_behind_waits_for_the_writer(
     monkeypatch.setattr(write_behind, "MAX_BEHIND", 3)
     ids = await _publish(admin, "wb-full", "a", "b", "c", "d")  # 4 > 3: answered once written
     assert [i for i, _ in await _stored("wb-full")][1:] == ids
+
+
+async def test_publish__held_back_by_max_behind_is_answered_when_there_is_room_not_when_written(
+    writer: write_behind.WriteBehind, admin: Any, monkeypatch: Any
+):
+    """Past MAX_BEHIND a publish waits only until the backlog shrinks, not for its own round:
+    the writer then always has the next publishes queued."""
+    await _create_queue("wb-room")
+    await _warm(writer, admin, "wb-room")
+    monkeypatch.setattr(write_behind, "MAX_BEHIND", 3)
+    rounds = threading.Semaphore(0)  # each release lets one round of the writer run
+    real = group_commit.run_round
+
+    def one_at_a_time(publishes: Any, allowed: Any = None) -> Any:
+        rounds.acquire(timeout=10)
+        return real(publishes, allowed)
+
+    monkeypatch.setattr(group_commit, "run_round", one_at_a_time)
+    await _publish(admin, "wb-room", "a1", "a2")  # answered: 2 behind
+    await asyncio.sleep(0.05)  # the writer takes it and waits for the semaphore
+    held = asyncio.ensure_future(_publish(admin, "wb-room", "b1", "b2"))  # 2 + 2 > 3: waits for room
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    rounds.release()  # a is written: room for b, whose own round is still held back
+    ids = await asyncio.wait_for(held, 5)
+    assert [b for _, b in await _stored("wb-room")] == ["warm-up", "a1", "a2"]
+    rounds.release()
+    await writer.caught_up()
+    assert (await _stored("wb-room"))[3:] == [(ids[0], "b1"), (ids[1], "b2")]
 
 
 # ----------------------------------------------------------------- failures after an early answer

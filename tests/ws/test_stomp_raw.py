@@ -106,3 +106,19 @@ def test_an_error_on_one_connection_leaves_the_others_alone(server: Any, admin_t
         expect_error_and_close(bad)
         good.send(frame("SEND", "still here", destination="/queue/calm"))
         assert recv(good).endswith("still here\x00")
+
+
+def test_receipts_keep_the_order_of_the_sends_whatever_their_persistence(
+    server: Any, admin_token: str, queue_factory: Any
+) -> None:
+    """On PostgreSQL a non-durable SEND may be confirmed before an earlier durable one is
+    committed (messaging/write_behind.py); its RECEIPT still waits for the earlier one's."""
+    queue_factory("mixed")
+    with open_stomp(server, admin_token) as ws:
+        ws.send(frame("SEND", "warm", destination="/queue/mixed", persistent="false", receipt="w"))
+        assert recv(ws).startswith("RECEIPT\nreceipt-id:w\n")  # non-durable SENDs may now be confirmed early
+        for i in range(20):
+            persistent = "true" if i % 2 == 0 else "false"
+            ws.send(frame("SEND", f"m{i}", destination="/queue/mixed", persistent=persistent, receipt=f"r{i}"))
+        receipts = [recv(ws).split("\n")[1] for _ in range(20)]
+    assert receipts == [f"receipt-id:r{i}" for i in range(20)]
