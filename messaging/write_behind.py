@@ -247,11 +247,12 @@ class WriteBehind:
         until = time.monotonic() + destinations.QUEUE_CACHE_SECONDS
         retry: list[_Entry] = []
         answered_when_written = 0
+        collided = False
         for entry, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, IntegrityError) and entry.publish.ids is not None and not entry.renumbered:
                 # The ids were taken (only after a PostgreSQL crash restarted the sequence):
                 # throw the reserve away and write it again under fresh ids (_number_late).
-                self._ids.clear()
+                collided = True
                 entry.publish = replace(entry.publish, ids=None)
                 entry.renumbered = True
                 answered_when_written += entry.eligible  # no ids to answer with until written
@@ -265,6 +266,8 @@ class WriteBehind:
             elif isinstance(outcome, Exception):
                 self._drop(entry, outcome)
         with self._lock:
+            if collided:
+                self._ids.clear()
             self._waiting_for_room -= answered_when_written
             if len(self._allowed) > 10_000:
                 self._allowed.clear()
