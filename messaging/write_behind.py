@@ -273,7 +273,8 @@ class WriteBehind:
                 self._allowed.clear()
             for key, target in allowed.items():
                 self._allowed[key] = (until, target)
-            self._behind -= sum(e.size for e in batch if e.early and e not in retry)
+            retried = {id(e) for e in retry}  # a set: a round may hold thousands of publishes
+            self._behind -= sum(e.size for e in batch if e.early and id(e) not in retried)
             self._writing = []
             self._queue.extendleft(reversed(retry))
             self._answer_those_with_room()
