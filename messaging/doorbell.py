@@ -94,6 +94,11 @@ class Listener:
         self._rung = False
         self._event.clear()
 
+    @property
+    def rung(self) -> bool:
+        """Rung since the last clear()?"""
+        return self._rung
+
     async def wait(self, timeout: float) -> bool:
         """Until rung since the last clear() (True) or `timeout` passes (False)."""
         if self._rung:

@@ -10,6 +10,7 @@ messages claimed inside the transaction itself and pushed the moment it commits.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from django.db import connection, transaction
 
@@ -43,9 +44,10 @@ def payload(queue_ids: Iterable[int]) -> str:
     return ",".join(map(str, sorted(set(queue_ids))))
 
 
-def notify_on_commit(queue_ids: Iterable[int], *, pg_notified: bool = False) -> None:
+def notify_on_commit(queue_ids: Iterable[int], *, pg_notified: bool = False, served: Iterable[Any] = ()) -> None:
     """`pg_notified`: the caller's own statement already ran pg_notify(CHANNEL, payload(ids))
-    in this transaction (the bulk publish does: a round trip fewer per publish)."""
+    in this transaction (the bulk publish does: a round trip fewer per publish). `served`:
+    pushers this transaction already leased messages to (broker.publishing), not rung."""
     ids = sorted(set(queue_ids))
     if not ids:
         return
@@ -59,5 +61,5 @@ def notify_on_commit(queue_ids: Iterable[int], *, pg_notified: bool = False) -> 
     # would only make it look again for nothing.
     from messaging.push import hand_off
 
-    served = {p.bell for p in hand_off(ids) if p.bell is not None}
-    transaction.on_commit(lambda: doorbell.ring(ids, skip=served))
+    bells = {p.bell for p in (*served, *hand_off(ids)) if p.bell is not None}
+    transaction.on_commit(lambda: doorbell.ring(ids, skip=bells))

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
@@ -126,7 +127,12 @@ class Pusher:
         self._recheck = recheck_seconds
         self._room = asyncio.Event()
         self._busy = asyncio.Lock()  # one claim of our own (and the delivery of what it got) at a time
-        self._auto_acks: list[str] = []  # pushed with ack "auto", acked with the next claim
+        self._auto_acks: list[str] = []  # pushed with ack "auto": acked with the next claim, or
+        # by _ack_auto at most ACK_DELAY_SECONDS after they were pushed
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._acking: asyncio.Future[None] | None = None
+        self._looked_at = 0.0  # time.monotonic() of our last claim of our own
+        self._stale = False  # waiting, with messages left behind a claim of ours (see _wait)
         self._task: asyncio.Task[None] | None = None
         self._bell: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,6 +163,11 @@ class Pusher:
         if self._bell is not None:
             self._bell.close()
             self._bell = None
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._acking is not None:
+            await asyncio.gather(asyncio.shield(self._acking), return_exceptions=True)
         if self._auto_acks:  # pushed with ack "auto": ack them now rather than give them back
             receipts, self._auto_acks = self._auto_acks, []
             try:
@@ -190,6 +201,11 @@ class Pusher:
     @property
     def bell(self) -> Listener | None:
         return self._bell
+
+    def room(self) -> int:
+        """How many messages a claim for us may take now (auto-acks pending count as room:
+        they are acked with it, or just after)."""
+        return min(self.prefetch - len(self.unacked) + len(self._auto_acks), 1000)
 
     def holds_all(self, receipts: Sequence[str]) -> bool:
         return bool(receipts) and all(r in self.unacked for r in receipts)
@@ -235,33 +251,43 @@ class Pusher:
         if self._look:
             self._bell.clear()  # listen before looking, so a ring during the claim is not missed
             async with self._busy:
+                asked = self.room()
                 acks, self._auto_acks = self._auto_acks, []
+                self._looked_at = time.monotonic()
                 _, messages = await self._claim(acks)
                 await self._push(messages)
-            if messages:
+            if messages and len(messages) >= asked:  # filled what it asked for: there may be more
                 return
         self._look = await self._wait()
 
     async def _wait(self) -> bool:
         """Wait, takeable, for the doorbell or a hand-off. True: look at the database (rung,
-        timed out, or a hand-off that filled what it asked for may have left more behind).
-        Auto-acks wait at most ACK_DELAY_SECONDS for a hand-off to carry them."""
+        timed out, a hand-off that filled what it asked for may have left more behind, or we
+        have not looked for a recheck interval: hand-offs alone never return expired leases)."""
         assert self._bell is not None and self._loop is not None
         handed: asyncio.Future[_Outcome | None] = self._loop.create_future()
+        # Rung while we claimed: messages committed meanwhile wait for us. Looking at once would
+        # find the few committed during that look too, and so on, a claim of our own per
+        # publish under steady load. Instead the next commit's hand-off claims them with its own
+        # (a claim, not a lease at insert: take_waiting skips a stale pusher); if none comes
+        # within STALE_WAIT_SECONDS, we look.
+        stale = self._bell.rung
+        if stale:
+            self._bell.clear()
         with _TAKEABLE_LOCK:
             self._handed = handed
             self._takeable = True
+            self._stale = stale
             _TAKEABLE.setdefault(self.queue.pk, {})[self] = None
         try:
-            timeout = ACK_DELAY_SECONDS if self._auto_acks else self._recheck
-            await _first(self._bell.wait(timeout), handed)
+            await _first(self._bell.wait(STALE_WAIT_SECONDS if stale else self._recheck), handed)
             if not handed.done() and self._untake():
                 return True  # rung or timed out, and nobody took us
             outcome = await asyncio.shield(handed)  # taken: wait for that transaction to end
             self._handed = None
             messages = self._accept(outcome)
             await self._push(messages)
-            return outcome is None or outcome[2]
+            return outcome is None or outcome[2] or time.monotonic() - self._looked_at >= self._recheck
         finally:
             if self._untake() and self._handed is handed:
                 self._handed = None
@@ -323,6 +349,28 @@ class Pusher:
             await self._deliver(self, messages)
             if self.auto_ack:
                 self._auto_acks += [m.receipt for m in messages]
+                if self._ack_timer is None and self._loop is not None:
+                    self._ack_timer = self._loop.call_later(ACK_DELAY_SECONDS, self._start_auto_ack)
+
+    def _start_auto_ack(self) -> None:
+        self._ack_timer = None
+        if self._acking is None and self._auto_acks:
+            self._acking = asyncio.ensure_future(self._ack_auto())
+
+    async def _ack_auto(self) -> None:
+        """Ack the auto-ack messages that no claim carried within ACK_DELAY_SECONDS (a pusher fed
+        by hand-offs makes no claim of its own), beside the claims: the pusher stays takeable."""
+        receipts, self._auto_acks = self._auto_acks, []
+        try:
+            await push_hop(broker.ack)(receipts=receipts)
+            self.settled(receipts)
+        except Exception:  # kept for the next try; the connection gives back what stays unacked
+            log.warning("auto-ack on %s failed; trying again", self.key, exc_info=True)
+            self._auto_acks[:0] = receipts
+        finally:
+            self._acking = None
+            if self._auto_acks and self._ack_timer is None and self._loop is not None and self._task is not None:
+                self._ack_timer = self._loop.call_later(ACK_DELAY_SECONDS, self._start_auto_ack)
 
     def _hold(self, messages: Sequence[broker.ReceivedMessage]) -> None:
         for m in messages:
@@ -332,9 +380,12 @@ class Pusher:
 # A committed hand-off: receipts it acked, messages it claimed, whether it claimed all it asked for.
 _Outcome = tuple[list[str], list[broker.ReceivedMessage], bool]
 
-# How long pushed auto-ack messages wait for a hand-off to carry their ack before a claim of
-# the pusher's own acks them (they are acked either way; this only saves commits).
+# How long pushed auto-ack messages wait for a claim to carry their ack before the pusher acks
+# them in a commit of their own (they are acked either way; this only saves commits).
 ACK_DELAY_SECONDS = 0.02
+
+# How long a pusher rung during its own claim waits for a commit's hand-off before it looks.
+STALE_WAIT_SECONDS = 0.005
 
 # Pushers waiting for messages, by queue pk (insertion-ordered: the longest waiting first).
 _TAKEABLE: dict[int, dict[Pusher, None]] = {}
@@ -366,12 +417,63 @@ class _Token:
     having run, it means Django dropped the callback, i.e. the transaction rolled back."""
 
 
+def is_waiting(queue_id: int) -> bool:
+    """Is a pusher of this process waiting on the queue? (A hint: taking it may still fail.)"""
+    return queue_id in _TAKEABLE
+
+
+def take_waiting(queue_ids: Iterable[int]) -> dict[int, tuple[Pusher, int]]:
+    """Inside a transaction that is about to insert messages for these queues (any thread):
+    take one waiting pusher with room for each, for the insert to lease messages to
+    (broker.publishing). Returns {queue pk: (pusher, room)}. Every pusher taken must be given
+    `hand_over` or `give_back` in this transaction."""
+    if not _TAKEABLE or getattr(_claiming, "active", False) or not connection.in_atomic_block:
+        return {}
+    taken: dict[int, tuple[Pusher, int]] = {}
+    with _TAKEABLE_LOCK:
+        for qid in queue_ids:
+            pusher = next(iter(_TAKEABLE.get(qid, ())), None)
+            if pusher is None or pusher._stale:  # stale: left to hand_off's claim (Pusher._wait)
+                continue
+            room = pusher.room()
+            if room > 0:
+                _take(qid, pusher)
+                taken[qid] = (pusher, room)
+    return taken
+
+
+def hand_over(pusher: Pusher, messages: list[broker.ReceivedMessage], *, filled: bool) -> None:
+    """`messages` were leased to `pusher` (taken by take_waiting) in this transaction: push them
+    when it commits; if it rolls back, the pusher is told and looks again. `filled`: it may
+    have more to claim."""
+    assert pusher._loop is not None and pusher._handed is not None
+    _after_commit(pusher._loop, pusher._handed, ([], messages, filled))
+
+
+def give_back(pushers: Iterable[Pusher]) -> None:
+    """Pushers taken by take_waiting that get nothing (the insert failed): they look again."""
+    for pusher in pushers:
+        assert pusher._loop is not None and pusher._handed is not None
+        pusher._loop.call_soon_threadsafe(_settle, pusher._handed, None)
+
+
+def _take(queue_id: int, pusher: Pusher) -> None:
+    """Under _TAKEABLE_LOCK: `pusher`, waiting on the queue, is taken by this transaction."""
+    waiting = _TAKEABLE[queue_id]
+    del waiting[pusher]
+    if not waiting:
+        del _TAKEABLE[queue_id]
+    pusher._takeable = False
+    pusher._taken = True
+
+
 def hand_off(queue_ids: Sequence[int]) -> set[Pusher]:
     """Inside a transaction that makes messages of these queues deliverable (any thread): claim
     them, in this same transaction, for a pusher of this process that waits on the queue, and
     push them when it commits. Returns the pushers served, whose doorbell ring for this
     transaction is redundant. A failed claim is rolled back to its savepoint and changes
-    nothing; the pusher then claims on its own when the doorbell rings."""
+    nothing; the pusher then claims on its own when the doorbell rings. (A plain publish on
+    PostgreSQL leases to waiting pushers as it inserts instead: take_waiting.)"""
     if not _TAKEABLE or getattr(_claiming, "active", False):
         return set()
     if not connection.in_atomic_block:
@@ -379,22 +481,16 @@ def hand_off(queue_ids: Sequence[int]) -> set[Pusher]:
     taken: list[Pusher] = []
     with _TAKEABLE_LOCK:
         for qid in queue_ids:
-            waiting = _TAKEABLE.get(qid)
-            if not waiting:
-                continue
-            pusher = next(iter(waiting))
-            del waiting[pusher]
-            if not waiting:
-                del _TAKEABLE[qid]
-            pusher._takeable = False
-            pusher._taken = True
-            taken.append(pusher)
+            pusher = next(iter(_TAKEABLE.get(qid, ())), None)
+            if pusher is not None:
+                _take(qid, pusher)
+                taken.append(pusher)
     served: set[Pusher] = set()
     for n, pusher in enumerate(taken):
         handed, loop = pusher._handed, pusher._loop
         assert handed is not None and loop is not None
         acks = list(pusher._auto_acks)
-        room = min(pusher.prefetch - len(pusher.unacked) + len(acks), 1000)
+        room = pusher.room()
         try:  # ack_and_receive's atomic block is a savepoint here
             _, messages = broker.ack_and_receive(receipts=acks, queue=pusher.queue, max_messages=max(room, 0))
         except Exception:

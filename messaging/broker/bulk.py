@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -34,8 +35,8 @@ _PUBLISH_SQL = """
 WITH u AS (
   SELECT * FROM ROWS FROM (
     json_to_recordset(%(batch)s::json) AS (b text, ct text, h jsonb, p smallint, d float8, t float8, q bigint[],
-                                           i bigint)
-  ) WITH ORDINALITY AS u(b, ct, h, p, d, t, q, i, ord)
+                                           i bigint, l bigint[])
+  ) WITH ORDINALITY AS u(b, ct, h, p, d, t, q, i, l, ord)
 ), m AS (
   INSERT INTO {message} ({id_column}body, content_type, headers, priority, dedup_id, destination, published_at,
                          expires_at)
@@ -47,13 +48,14 @@ WITH u AS (
 ), d AS (
   INSERT INTO {delivery} (message_id, queue_id, state, priority, visible_at, expires_at, delivery_count,
                           lease_token, transaction_id, dead_letter_reason)
-  SELECT n.id, target.q, %(state)s, u.p, %(now)s + make_interval(secs => u.d), n.expires_at, 0, '',
+  SELECT n.id, target.q, {state}, u.p, {visible_at}, n.expires_at, {delivery_count}, {lease_token},
          %(transaction)s, ''
   FROM u JOIN n ON n.ord = u.ord CROSS JOIN LATERAL unnest(u.q) AS target(q)
+  {returning}
 ), notified AS MATERIALIZED (
   SELECT pg_notify(%(channel)s, %(notify)s) WHERE %(notify)s::text <> ''
 )
-SELECT n.id FROM n LEFT JOIN notified ON true ORDER BY n.ord
+{result}
 """
 
 _SEQUENCE_IDS = {
@@ -64,6 +66,42 @@ _GIVEN_IDS = {
     "id_column": "id, ", "id_value": "u.i, ",
     "numbered": "SELECT m.id, m.expires_at, u.ord FROM m JOIN u ON u.i = m.id",
 }  # fmt: skip
+_READY = {
+    "state": "%(state)s", "visible_at": "%(now)s + make_interval(secs => u.d)", "delivery_count": "0",
+    "lease_token": "''", "returning": "",
+    "result": "SELECT n.id FROM n LEFT JOIN notified ON true ORDER BY n.ord",
+}  # fmt: skip
+# Deliveries to a queue named in the row's `l` are inserted leased, to a push consumer of this
+# process waiting on that queue (LeaseAtInsert). The result then has two kinds of rows: (0,
+# message pk, ord) for every message, in order, and (1, delivery pk, message pk, queue pk,
+# expires_at) for every delivery leased.
+_LEASED_HERE = "target.q = ANY(u.l)"
+_LEASING = {
+    "state": f"CASE WHEN {_LEASED_HERE} THEN {State.LEASED.value} ELSE %(state)s END",
+    "visible_at": f"CASE WHEN {_LEASED_HERE} THEN %(now)s + make_interval(secs => (%(visibility)s::jsonb"
+                  " ->> target.q::text)::float8) ELSE %(now)s + make_interval(secs => u.d) END",
+    "delivery_count": f"CASE WHEN {_LEASED_HERE} THEN 1 ELSE 0 END",
+    "lease_token": f"CASE WHEN {_LEASED_HERE} THEN %(token)s ELSE '' END",
+    "returning": "RETURNING id, message_id, queue_id, state, expires_at",
+    "result": "SELECT 0, n.id, n.ord, NULL::bigint, NULL::timestamptz FROM n LEFT JOIN notified ON true"
+              f" UNION ALL SELECT 1, d.id, d.message_id, d.queue_id, d.expires_at FROM d"
+              f" WHERE d.state = {State.LEASED.value} ORDER BY 1, 3",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LeaseAtInsert:
+    """Deliveries to lease as they are inserted (a waiting push consumer's, messaging/push.py):
+    `rows` maps a message's index in the batch to the queue pks it is leased to; the lease of
+    queue pk q lasts `visibility[q]` seconds and is held with `token`."""
+
+    rows: dict[int, list[int]]
+    visibility: dict[int, int]
+    token: str
+
+
+# A delivery leased at insert: (delivery pk, the message's index in the batch, queue pk, expires_at).
+LeasedAtInsert = tuple[int, int, int, "datetime | None"]
 
 
 def insert_messages(
@@ -76,13 +114,15 @@ def insert_messages(
     transaction_id: str | None,
     now: datetime,
     ids: Sequence[int] | None = None,
-) -> tuple[list[int], Counter[int]]:
+    lease: LeaseAtInsert | None = None,
+) -> tuple[list[int], Counter[int], list[LeasedAtInsert]]:
     """Insert `messages` (all new: no dedup ids) and their deliveries to the matching `targets`,
-    under the pks `ids` when given. Returns the message pks in input order and the number of
-    deliveries per queue pk."""
+    under the pks `ids` when given, leasing those `lease` names. Returns the message pks in input
+    order, the number of deliveries per queue pk, and the deliveries leased."""
     unfiltered = [t.pk for t in targets if t.filter is None]
     filtered = [t for t in targets if t.filter is not None]
     routed: Counter[int] = Counter({pk: len(messages) for pk in unfiltered})
+    leasing = lease is not None and bool(lease.rows)
     batch = []
     for i, msg in enumerate(messages):
         queues = unfiltered
@@ -94,10 +134,12 @@ def insert_messages(
                "d": msg.delay_seconds, "t": msg.ttl_seconds or None, "q": queues}  # fmt: skip
         if ids is not None:
             row["i"] = ids[i]
+        if leasing and i in lease.rows:  # type: ignore[union-attr]
+            row["l"] = lease.rows[i]  # type: ignore[union-attr]
         batch.append(row)
     sql = _PUBLISH_SQL.format(
         message=store.message._meta.db_table, delivery=store.delivery._meta.db_table,
-        **(_GIVEN_IDS if ids is not None else _SEQUENCE_IDS),
+        **(_GIVEN_IDS if ids is not None else _SEQUENCE_IDS), **(_LEASING if leasing else _READY),
     )  # fmt: skip
     # Outside a messaging transaction the waiting consumers of every process are notified by
     # this same statement, delivered by PostgreSQL when it commits (messaging/events.py).
@@ -106,10 +148,20 @@ def insert_messages(
         "batch": json.dumps(batch, separators=(",", ":")), "destination": destination, "now": now,
         "state": state, "transaction": transaction_id, "channel": events.CHANNEL, "notify": notify,
     }  # fmt: skip
+    if not leasing:
+        with server_cursor() as cursor:
+            cursor.execute(sql, params)
+            pks = [row[0] for row in cursor.fetchall()]
+        return pks, routed, []
+    assert lease is not None
+    params.update(visibility=json.dumps({str(q): s for q, s in lease.visibility.items()}), token=lease.token)
     with server_cursor() as cursor:
-        cursor.execute(sql, params)
-        pks = [row[0] for row in cursor.fetchall()]
-    return pks, routed
+        cursor.execute(sql, params, binary=True)  # binary: expires_at (see server_cursor)
+        rows = cursor.fetchall()
+    pks = [row[1] for row in rows if row[0] == 0]
+    index_of = {pk: i for i, pk in enumerate(pks)}
+    leased = [(row[1], index_of[row[2]], row[3], row[4]) for row in rows if row[0] == 1]
+    return pks, routed, leased
 
 
 # Statements that return timestamps ask for binary results (`execute(..., binary=True)`): Django

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,12 +14,15 @@ from django.db import DatabaseError, connection
 from messaging import clock, conf, events, filters, metrics
 from messaging.broker import bulk, destinations
 from messaging.broker.common import (
+    DURABLE,
     STORES,
     TRANSIENT,
     OutgoingMessage,
     PublishResult,
+    ReceivedMessage,
     Store,
     _lock_transaction,
+    _touch,
     atomic,
     store_for,
     validate_message,
@@ -274,25 +278,142 @@ def _publish_bulk(
     ids: Sequence[int] | None = None,
 ) -> list[PublishResult]:
     """_publish_locked on PostgreSQL for a batch without dedup ids: one statement per store
-    (broker/bulk.py) instead of ORM objects and two inserts. `ids`: see PublishRequest."""
+    (broker/bulk.py) instead of ORM objects and two inserts. `ids`: see PublishRequest.
+
+    Outside a messaging transaction, a push consumer of this process waiting on a target gets
+    its messages leased to it by the insert itself, pushed when this transaction commits
+    (_LeasePlan): no claim of its own, which is most of the time between a publish and its push."""
     results: list[PublishResult | None] = [None] * len(messages)
     state = State.STAGED if transaction_id is not None else State.READY
     routed: Counter[int] = Counter()
-    for store in STORES:  # durable first: the lock order
-        indexes = [i for i, msg in enumerate(messages) if store_for(msg.durable) is store]
-        if not indexes:
-            continue
-        pks, per_queue = bulk.insert_messages(
-            store=store, destination=destination, targets=targets, messages=[messages[i] for i in indexes],
-            state=state, transaction_id=transaction_id, now=now, ids=None if ids is None else [ids[i] for i in indexes],
-        )  # fmt: skip
-        routed.update(per_queue)
-        for i, pk in zip(indexes, pks, strict=True):
-            results[i] = PublishResult(id=store.public_id(pk), duplicate=False)
+    plan = _LeasePlan.for_waiting_pushers(targets, messages) if transaction_id is None else None
+    leased: list[tuple[Store, bulk.LeasedAtInsert]] = []
+    try:
+        for store in STORES:  # durable first: the lock order
+            indexes = [i for i, msg in enumerate(messages) if store_for(msg.durable) is store]
+            if not indexes:
+                continue
+            pks, per_queue, store_leased = bulk.insert_messages(
+                store=store, destination=destination, targets=targets, messages=[messages[i] for i in indexes],
+                state=state, transaction_id=transaction_id, now=now,
+                ids=None if ids is None else [ids[i] for i in indexes],
+                lease=plan.for_rows(indexes) if plan is not None else None,
+            )  # fmt: skip
+            routed.update(per_queue)
+            for i, pk in zip(indexes, pks, strict=True):
+                results[i] = PublishResult(id=store.public_id(pk), duplicate=False)
+            leased += [(store, (pk, indexes[i], queue_pk, expires)) for pk, i, queue_pk, expires in store_leased]
+    except BaseException:
+        if plan is not None:
+            plan.give_back()
+        raise
     metrics.count_queues_on_commit(metrics.PUBLISHED, routed, broker_total=False)
+    served: set[Any] = set()
+    if plan is not None:
+        served = plan.hand_over(leased, messages, results, now)  # type: ignore[arg-type]
     if transaction_id is None:
-        events.notify_on_commit(routed, pg_notified=True)  # bulk.insert_messages ran pg_notify
+        events.notify_on_commit(routed, pg_notified=True, served=served)  # bulk.insert_messages ran pg_notify
     return results  # type: ignore[return-value]
+
+
+class _LeasePlan:
+    """Which deliveries of a publish the insert leases to waiting push consumers of this process.
+
+    For each target with a pusher waiting (messaging/push.py, take_waiting), the messages it
+    gets are those it would claim first: routed to it (its filter), deliverable now (no
+    delay), in claim order (priority, then durable first, then publish order), as many as its
+    prefetch leaves room for. Each lease is a normal one: delivery_count 1, the queue's
+    visibility timeout, a fresh token. A pusher left with more than its room looks again."""
+
+    def __init__(self, taken: dict[int, tuple[Any, int]], chosen: dict[int, list[int]], visibility: dict[int, int]):
+        self.taken = taken  # queue pk -> (pusher, room)
+        self.chosen = chosen  # queue pk -> indexes of the messages leased to its pusher
+        self.visibility = visibility
+        self.token = secrets.token_hex(8)
+
+    @classmethod
+    def for_waiting_pushers(cls, targets: Sequence[Queue], messages: Sequence[OutgoingMessage]) -> _LeasePlan | None:
+        from messaging import push  # the live layer registers its waiting pushers there
+
+        waiting = [t for t in targets if push.is_waiting(t.pk) and not t.paused]
+        if not waiting:
+            return None
+        deliverable = {
+            t.pk: [i for i, msg in enumerate(messages) if msg.delay_seconds <= 0
+                   and (t.filter is None or filters.matches(t.filter, msg.headers))]
+            for t in waiting
+        }  # fmt: skip
+        taken = push.take_waiting([pk for pk, indexes in deliverable.items() if indexes])
+        if not taken:
+            return None
+        chosen: dict[int, list[int]] = {}
+        for pk, (_, room) in taken.items():
+            order = sorted(deliverable[pk], key=lambda i: (-messages[i].priority, not messages[i].durable, i))
+            chosen[pk] = order[:room]
+        visibility: dict[int, int] = {}
+        for t in waiting:
+            if t.pk in taken:
+                visibility[t.pk] = t.visibility_timeout_seconds
+                _touch(t)  # consumed from, as a receive would (a queue that expires when idle)
+        return cls(taken, chosen, visibility)
+
+    def for_rows(self, indexes: Sequence[int]) -> bulk.LeaseAtInsert:
+        """The lease of one store's insert, whose rows are the messages at `indexes`."""
+        position = {i: n for n, i in enumerate(indexes)}
+        rows: dict[int, list[int]] = {}
+        for queue_pk, chosen in self.chosen.items():
+            for i in chosen:
+                if i in position:
+                    rows.setdefault(position[i], []).append(queue_pk)
+        return bulk.LeaseAtInsert(rows=rows, visibility=self.visibility, token=self.token)
+
+    def hand_over(
+        self,
+        leased: list[tuple[Store, bulk.LeasedAtInsert]],
+        messages: Sequence[OutgoingMessage],
+        results: Sequence[PublishResult],
+        now: datetime,
+    ) -> set[Any]:
+        """Give each pusher its leased messages, to push when this transaction commits; returns
+        the pushers served."""
+        from messaging import push
+
+        by_queue: dict[int, list[tuple[Store, int, int, datetime | None]]] = {}
+        for store, (delivery_pk, i, queue_pk, expires) in leased:
+            by_queue.setdefault(queue_pk, []).append((store, delivery_pk, i, expires))
+        for queue_pk, (pusher, room) in self.taken.items():
+            rank = {i: n for n, i in enumerate(self.chosen[queue_pk])}
+            rows = sorted(by_queue.get(queue_pk, []), key=lambda row: rank[row[2]])
+            label = pusher.queue.label
+            received = [
+                _leased_now(messages[i], results[i].id, store, f"{store.code}{pk}.{self.token}", label, now, expires)
+                for store, pk, i, expires in rows
+            ]
+            push.hand_over(pusher, received, filled=len(received) >= room)
+        metrics.count_queues_on_commit(metrics.DELIVERED, {pk: len(rows) for pk, rows in by_queue.items()})
+        return {pusher for pusher, _ in self.taken.values()}
+
+    def give_back(self) -> None:
+        from messaging import push
+
+        push.give_back([pusher for pusher, _ in self.taken.values()])
+
+
+def _leased_now(
+    msg: OutgoingMessage,
+    public_id: str,
+    store: Store,
+    receipt: str,
+    label: str,
+    now: datetime,
+    expires: datetime | None,
+) -> ReceivedMessage:
+    """A message as receive renders it, leased for the first time as it was published."""
+    return ReceivedMessage(
+        id=public_id, body=msg.body, content_type=msg.content_type, headers=dict(msg.headers),
+        priority=msg.priority, durable=store is DURABLE, published_at=now, expires_at=expires, destination=label,
+        receipt=receipt, delivery_count=1, redelivered=False,
+    )  # fmt: skip
 
 
 def _create_deliveries(

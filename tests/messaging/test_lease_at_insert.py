@@ -1,0 +1,180 @@
+"""Lease at insert (broker.publishing._LeasePlan, messaging/push.py take_waiting): a plain publish
+on PostgreSQL leases its messages to a push consumer of this process waiting on the queue, in
+the insert itself, and they are pushed when it commits, without a claim."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from messaging import broker, clock, push
+from messaging.broker import bulk
+from messaging.models import Delivery, State
+from tests.threads import in_thread, recording_pusher, until
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
+
+
+@contextlib.asynccontextmanager
+async def waiting_pusher(queue: Any, **options: Any) -> Any:
+    """A started pusher (recording_pusher's, or one with `options`), once it waits takeable."""
+    if options:
+        pushed: list[Any] = []
+
+        async def deliver(_: Any, messages: Any) -> None:
+            pushed.extend(messages)
+
+        pusher = push.Pusher(key="s", queue=queue, deliver=deliver, recheck_seconds=30, **options)
+        pusher.start()
+    else:
+        pusher, pushed = recording_pusher(queue)
+    try:
+        await until(lambda: queue.pk in push._TAKEABLE)
+        yield pusher, pushed
+    finally:
+        await pusher.stop()
+        with contextlib.suppress(Exception):
+            await in_thread(broker.nack)(receipts=list(pusher.unacked))
+
+
+@pytest.fixture
+def claims(monkeypatch: Any) -> list[str]:
+    """The threads' names of every bulk.claim from now on."""
+    calls: list[str] = []
+    real = bulk.claim
+
+    def recorded(**kwargs: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        return real(**kwargs)
+
+    monkeypatch.setattr(bulk, "claim", recorded)
+    return calls
+
+
+def publish(queue: Any, *messages: broker.OutgoingMessage) -> list[broker.PublishResult]:
+    return broker.publish(queue=queue, messages=list(messages))
+
+
+async def test_a_waiting_pusher_gets_a_publish_leased_by_its_insert_without_a_claim(queue_factory: Any, claims: Any):
+    queue = await in_thread(queue_factory)("lai")
+    async with waiting_pusher(queue) as (pusher, pushed):
+        claims.clear()
+        before = clock.now()
+        published = await in_thread(publish)(queue, broker.OutgoingMessage(body="x", headers={"k": "v"}))
+        await until(lambda: bool(pushed))
+        assert claims == []  # nobody claimed: the insert leased it
+        [message] = pushed
+        assert (message.id, message.body, message.headers) == (published[0].id, "x", {"k": "v"})
+        assert (message.delivery_count, message.redelivered, message.destination) == (1, False, "lai")
+        row = await in_thread(Delivery.objects.get)()
+        assert (row.state, row.delivery_count) == (State.LEASED, 1)
+        assert message.receipt == f"d{row.pk}.{row.lease_token}"
+        vt = timedelta(seconds=queue.visibility_timeout_seconds)
+        assert before + vt <= row.visible_at <= clock.now() + vt
+        assert list(pusher.unacked) == [message.receipt]
+        # An ordinary lease: acked with its receipt, never delivered again.
+        assert await in_thread(broker.ack)(receipts=[message.receipt]) == [broker.ACK_OK]
+        assert (await in_thread(Delivery.objects.get)()).state == State.ACKED
+        # The pusher waits again and takes the next publish the same way.
+        pusher.settled([message.receipt])
+        await until(lambda: queue.pk in push._TAKEABLE)
+        await in_thread(publish)(queue, broker.OutgoingMessage(body="y"))
+        await until(lambda: len(pushed) == 2)
+        assert claims == [] and pushed[1].body == "y"
+
+
+async def test_it_leases_what_the_prefetch_leaves_room_for_in_claim_order(queue_factory: Any, claims: Any):
+    queue = await in_thread(queue_factory)("lai")
+    async with waiting_pusher(queue) as (pusher, pushed):  # prefetch 10
+        batch = [broker.OutgoingMessage(body=str(i), priority=9 if i in (3, 11) else 4) for i in range(12)]
+        await in_thread(publish)(queue, *batch)
+        await until(lambda: len(pushed) == 10)
+        # Highest priority first, then publish order: what a claim would have chosen.
+        assert [m.body for m in pushed] == ["3", "11", "0", "1", "2", "4", "5", "6", "7", "8"]
+        states = dict(await in_thread(lambda: list(Delivery.objects.values_list("message__body", "state")))())
+        assert {b for b, s in states.items() if s == State.READY} == {"9", "10"}
+        # The room an ack makes is filled by a claim, which finds the two left behind.
+        await in_thread(broker.ack)(receipts=[m.receipt for m in pushed])
+        pusher.settled([m.receipt for m in pushed])
+        await until(lambda: len(pushed) == 12)
+        assert [m.body for m in pushed[10:]] == ["9", "10"]
+
+
+async def test_delayed_messages_paused_queues_and_filters_are_left_to_claims(queue_factory: Any, claims: Any):
+    queue = await in_thread(queue_factory)("lai")
+    async with waiting_pusher(queue) as (_, pushed):
+        later = broker.OutgoingMessage(body="later", delay_seconds=60)
+        await in_thread(publish)(queue, later, broker.OutgoingMessage(body="now"))
+        await until(lambda: bool(pushed))
+        assert [m.body for m in pushed] == ["now"]
+        delayed = await in_thread(Delivery.objects.get)(message__body="later")
+        assert (delayed.state, delayed.delivery_count) == (State.READY, 0)
+
+    paused = await in_thread(queue_factory)("paused")
+    async with waiting_pusher(paused) as (_, pushed):
+        await in_thread(broker.set_paused)(queue=paused, paused=True)
+        paused.paused = True  # the publisher's view of the queue
+        await in_thread(publish)(paused, broker.OutgoingMessage(body="held"))
+        row = await in_thread(Delivery.objects.get)(message__body="held")
+        assert row.state == State.READY and pushed == []
+
+    topic, _ = await in_thread(broker.create_topic)(name="t")
+    eu, _ = await in_thread(broker.create_subscription)(topic=topic, name="eu", filter={"region": "eu"})
+    eu = await in_thread(broker.get_subscription)(topic=topic, name="eu")
+    async with waiting_pusher(eu) as (_, pushed):
+        messages = [broker.OutgoingMessage(body=r, headers={"region": r}) for r in ("us", "eu")]
+        await in_thread(broker.publish)(topic=topic, messages=messages)
+        await until(lambda: bool(pushed))
+        assert [(m.body, m.destination) for m in pushed] == [("eu", "t/eu")]
+        assert await in_thread(Delivery.objects.filter(queue=eu).count)() == 1
+
+
+async def test_auto_acks_are_acked_soon_while_the_pusher_is_fed_by_leases(queue_factory: Any, claims: Any):
+    """Leases at insert carry no acks: a pusher fed by them acks its auto-ack messages itself
+    within ACK_DELAY_SECONDS, beside the publishes, and stays takeable."""
+    queue = await in_thread(queue_factory)("lai")
+    async with waiting_pusher(queue, prefetch=10, auto_ack=True) as (pusher, pushed):
+        claims.clear()
+        for i in range(30):  # three times the prefetch: without acks its room would run out
+            await until(lambda: queue.pk in push._TAKEABLE)
+            await in_thread(publish)(queue, broker.OutgoingMessage(body=str(i)))
+            await until(lambda i=i: len(pushed) == i + 1)
+
+        def all_acked() -> bool:
+            return Delivery.objects.filter(state=State.ACKED).count() == 30
+
+        async def acked() -> bool:
+            return await in_thread(all_acked)()
+
+        for _ in range(200):
+            if await acked():
+                break
+            await until(lambda: True)
+        assert await acked()
+        assert [m.body for m in pushed] == [str(i) for i in range(30)]
+        assert pusher.unacked == {} or all(r in pusher._auto_acks for r in pusher.unacked)
+
+
+async def test_a_stale_pusher_is_left_to_the_commits_claim(queue_factory: Any, claims: Any):
+    """A pusher rung during its own claim waits "stale" (Pusher._wait): messages committed
+    meanwhile are waiting for it. The next publish must not lease only its own messages to it
+    (they would overtake those): its commit's hand-off claims, which takes the older first."""
+    queue = await in_thread(queue_factory)("lai")
+    async with waiting_pusher(queue) as (pusher, pushed):
+        claims.clear()
+        with push._TAKEABLE_LOCK:
+            pusher._stale = True
+        await in_thread(publish)(queue, broker.OutgoingMessage(body="first"))
+        await until(lambda: bool(pushed))
+        assert [m.body for m in pushed] == ["first"]
+        assert claims and not claims[0].startswith("pegasus-push")  # the publisher's hand-off claimed
+        await until(lambda: queue.pk in push._TAKEABLE)
+        assert not pusher._stale
+        claims.clear()
+        await in_thread(publish)(queue, broker.OutgoingMessage(body="second"))
+        await until(lambda: len(pushed) == 2)
+        assert claims == []  # no longer stale: leased at insert
