@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +130,6 @@ class Pusher:
         # by _ack_auto at most ACK_DELAY_SECONDS after they were pushed
         self._ack_timer: asyncio.TimerHandle | None = None
         self._acking: asyncio.Future[None] | None = None
-        self._looked_at = 0.0  # time.monotonic() of our last claim of our own
         self._stale = False  # waiting, with messages left behind a claim of ours (see _wait)
         self._task: asyncio.Task[None] | None = None
         self._bell: Listener | None = None
@@ -253,7 +251,6 @@ class Pusher:
             async with self._busy:
                 asked = self.room()
                 acks, self._auto_acks = self._auto_acks, []
-                self._looked_at = time.monotonic()
                 _, messages = await self._claim(acks)
                 await self._push(messages)
             if messages and len(messages) >= asked:  # filled what it asked for: there may be more
@@ -262,8 +259,8 @@ class Pusher:
 
     async def _wait(self) -> bool:
         """Wait, takeable, for the doorbell or a hand-off. True: look at the database (rung,
-        timed out, a hand-off that filled what it asked for may have left more behind, or we
-        have not looked for a recheck interval: hand-offs alone never return expired leases)."""
+        timed out, or a hand-off that filled what it asked for, or found an expired lease on
+        the queue, may have left more behind)."""
         assert self._bell is not None and self._loop is not None
         handed: asyncio.Future[_Outcome | None] = self._loop.create_future()
         # Rung while we claimed: messages committed meanwhile wait for us. Looking at once would
@@ -287,7 +284,7 @@ class Pusher:
             self._handed = None
             messages = self._accept(outcome)
             await self._push(messages)
-            return outcome is None or outcome[2] or time.monotonic() - self._looked_at >= self._recheck
+            return outcome is None or outcome[2]
         finally:
             if self._untake() and self._handed is handed:
                 self._handed = None

@@ -20,7 +20,7 @@ from django.db import connection
 
 from messaging import events, filters
 from messaging.broker.common import OutgoingMessage, Store
-from messaging.models import State
+from messaging.models import Delivery, State, TransientDelivery
 
 # One statement inserts the messages and their deliveries. The batch travels as ONE json
 # parameter that PostgreSQL unpacks in C (json_to_recordset): binding arrays instead made psycopg
@@ -76,6 +76,14 @@ _READY = {
 # message pk, ord) for every message, in order, and (1, delivery pk, message pk, queue pk,
 # expires_at) for every delivery leased.
 _LEASED_HERE = "target.q = ANY(u.l)"
+# ... and (2, queue pk) for each of those queues that holds an expired lease (in either store),
+# which a claim must return first: the pusher is told to look (a hand-off's claim is gated on
+# the same test, bulk.claim).
+_EXPIRED_LEASE = (
+    "SELECT 1 FROM {table} WHERE queue_id = lq.q AND state = "
+    + str(State.LEASED.value)
+    + " AND visible_at <= %(now)s AND transaction_id IS NULL"
+)
 _LEASING = {
     "state": f"CASE WHEN {_LEASED_HERE} THEN {State.LEASED.value} ELSE %(state)s END",
     "visible_at": f"CASE WHEN {_LEASED_HERE} THEN %(now)s + make_interval(secs => (%(visibility)s::jsonb"
@@ -85,7 +93,11 @@ _LEASING = {
     "returning": "RETURNING id, message_id, queue_id, state, expires_at",
     "result": "SELECT 0, n.id, n.ord, NULL::bigint, NULL::timestamptz FROM n LEFT JOIN notified ON true"
               f" UNION ALL SELECT 1, d.id, d.message_id, d.queue_id, d.expires_at FROM d"
-              f" WHERE d.state = {State.LEASED.value} ORDER BY 1, 3",
+              f" WHERE d.state = {State.LEASED.value}"
+              " UNION ALL SELECT 2, lq.q, NULL, NULL, NULL FROM unnest(%(lease_queues)s::bigint[]) AS lq(q)"
+              f" WHERE EXISTS ({_EXPIRED_LEASE.format(table=Delivery._meta.db_table)})"
+              f" OR EXISTS ({_EXPIRED_LEASE.format(table=TransientDelivery._meta.db_table)})"
+              " ORDER BY 1, 3",
 }  # fmt: skip
 
 
@@ -99,9 +111,21 @@ class LeaseAtInsert:
     visibility: dict[int, int]
     token: str
 
+    @property
+    def queues(self) -> list[int]:
+        return sorted(self.visibility)
+
 
 # A delivery leased at insert: (delivery pk, the message's index in the batch, queue pk, expires_at).
 LeasedAtInsert = tuple[int, int, int, "datetime | None"]
+
+
+@dataclass
+class Inserted:
+    pks: list[int]  # the message pks, in input order
+    routed: Counter[int]  # deliveries per queue pk
+    leased: list[LeasedAtInsert]
+    expired_leases: set[int]  # queues leased to that hold an expired lease to return
 
 
 def insert_messages(
@@ -115,10 +139,9 @@ def insert_messages(
     now: datetime,
     ids: Sequence[int] | None = None,
     lease: LeaseAtInsert | None = None,
-) -> tuple[list[int], Counter[int], list[LeasedAtInsert]]:
+) -> Inserted:
     """Insert `messages` (all new: no dedup ids) and their deliveries to the matching `targets`,
-    under the pks `ids` when given, leasing those `lease` names. Returns the message pks in input
-    order, the number of deliveries per queue pk, and the deliveries leased."""
+    under the pks `ids` when given, leasing those `lease` names."""
     unfiltered = [t.pk for t in targets if t.filter is None]
     filtered = [t for t in targets if t.filter is not None]
     routed: Counter[int] = Counter({pk: len(messages) for pk in unfiltered})
@@ -152,16 +175,19 @@ def insert_messages(
         with server_cursor() as cursor:
             cursor.execute(sql, params)
             pks = [row[0] for row in cursor.fetchall()]
-        return pks, routed, []
+        return Inserted(pks, routed, [], set())
     assert lease is not None
-    params.update(visibility=json.dumps({str(q): s for q, s in lease.visibility.items()}), token=lease.token)
+    params.update(
+        visibility=json.dumps({str(q): s for q, s in lease.visibility.items()}), token=lease.token,
+        lease_queues=lease.queues,
+    )  # fmt: skip
     with server_cursor() as cursor:
         cursor.execute(sql, params, binary=True)  # binary: expires_at (see server_cursor)
         rows = cursor.fetchall()
     pks = [row[1] for row in rows if row[0] == 0]
     index_of = {pk: i for i, pk in enumerate(pks)}
     leased = [(row[1], index_of[row[2]], row[3], row[4]) for row in rows if row[0] == 1]
-    return pks, routed, leased
+    return Inserted(pks, routed, leased, {row[1] for row in rows if row[0] == 2})
 
 
 # Statements that return timestamps ask for binary results (`execute(..., binary=True)`): Django

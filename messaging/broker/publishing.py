@@ -288,21 +288,23 @@ def _publish_bulk(
     routed: Counter[int] = Counter()
     plan = _LeasePlan.for_waiting_pushers(targets, messages) if transaction_id is None else None
     leased: list[tuple[Store, bulk.LeasedAtInsert]] = []
+    expired_leases: set[int] = set()
     try:
         for store in STORES:  # durable first: the lock order
             indexes = [i for i, msg in enumerate(messages) if store_for(msg.durable) is store]
             if not indexes:
                 continue
-            pks, per_queue, store_leased = bulk.insert_messages(
+            inserted = bulk.insert_messages(
                 store=store, destination=destination, targets=targets, messages=[messages[i] for i in indexes],
                 state=state, transaction_id=transaction_id, now=now,
                 ids=None if ids is None else [ids[i] for i in indexes],
                 lease=plan.for_rows(indexes) if plan is not None else None,
             )  # fmt: skip
-            routed.update(per_queue)
-            for i, pk in zip(indexes, pks, strict=True):
+            routed.update(inserted.routed)
+            for i, pk in zip(indexes, inserted.pks, strict=True):
                 results[i] = PublishResult(id=store.public_id(pk), duplicate=False)
-            leased += [(store, (pk, indexes[i], queue_pk, expires)) for pk, i, queue_pk, expires in store_leased]
+            leased += [(store, (pk, indexes[i], queue_pk, expires)) for pk, i, queue_pk, expires in inserted.leased]
+            expired_leases |= inserted.expired_leases
     except BaseException:
         if plan is not None:
             plan.give_back()
@@ -310,7 +312,7 @@ def _publish_bulk(
     metrics.count_queues_on_commit(metrics.PUBLISHED, routed, broker_total=False)
     served: set[Any] = set()
     if plan is not None:
-        served = plan.hand_over(leased, messages, results, now)  # type: ignore[arg-type]
+        served = plan.hand_over(leased, expired_leases, messages, results, now)  # type: ignore[arg-type]
     if transaction_id is None:
         events.notify_on_commit(routed, pg_notified=True, served=served)  # bulk.insert_messages ran pg_notify
     return results  # type: ignore[return-value]
@@ -323,7 +325,8 @@ class _LeasePlan:
     gets are those it would claim first: routed to it (its filter), deliverable now (no
     delay), in claim order (priority, then durable first, then publish order), as many as its
     prefetch leaves room for. Each lease is a normal one: delivery_count 1, the queue's
-    visibility timeout, a fresh token. A pusher left with more than its room looks again."""
+    visibility timeout, a fresh token. A pusher left with more than its room, or whose queue
+    holds an expired lease (the insert tells), looks again."""
 
     def __init__(self, taken: dict[int, tuple[Any, int]], chosen: dict[int, list[int]], visibility: dict[int, int]):
         self.taken = taken  # queue pk -> (pusher, room)
@@ -370,12 +373,14 @@ class _LeasePlan:
     def hand_over(
         self,
         leased: list[tuple[Store, bulk.LeasedAtInsert]],
+        expired_leases: set[int],
         messages: Sequence[OutgoingMessage],
         results: Sequence[PublishResult],
         now: datetime,
     ) -> set[Any]:
         """Give each pusher its leased messages, to push when this transaction commits; returns
-        the pushers served."""
+        the pushers served. A pusher whose queue holds an expired lease is told to look: its
+        claim returns that lease first (a pusher fed by leases at insert never claims else)."""
         from messaging import push
 
         by_queue: dict[int, list[tuple[Store, int, int, datetime | None]]] = {}
@@ -389,7 +394,7 @@ class _LeasePlan:
                 _leased_now(messages[i], results[i].id, store, f"{store.code}{pk}.{self.token}", label, now, expires)
                 for store, pk, i, expires in rows
             ]
-            push.hand_over(pusher, received, filled=len(received) >= room)
+            push.hand_over(pusher, received, filled=len(received) >= room or queue_pk in expired_leases)
         metrics.count_queues_on_commit(metrics.DELIVERED, {pk: len(rows) for pk, rows in by_queue.items()})
         return {pusher for pusher, _ in self.taken.values()}
 

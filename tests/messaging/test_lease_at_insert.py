@@ -4,7 +4,9 @@ the insert itself, and they are pushed when it commits, without a claim."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import threading
 from datetime import timedelta
 from typing import Any
@@ -142,19 +144,16 @@ async def test_auto_acks_are_acked_soon_while_the_pusher_is_fed_by_leases(queue_
         for i in range(30):  # three times the prefetch: without acks its room would run out
             await until(lambda: queue.pk in push._TAKEABLE)
             await in_thread(publish)(queue, broker.OutgoingMessage(body=str(i)))
-            await until(lambda i=i: len(pushed) == i + 1)
+            await until(functools.partial(lambda n: len(pushed) == n, i + 1))
 
         def all_acked() -> bool:
-            return Delivery.objects.filter(state=State.ACKED).count() == 30
+            return bool(Delivery.objects.filter(state=State.ACKED).count() == 30)
 
-        async def acked() -> bool:
-            return await in_thread(all_acked)()
-
-        for _ in range(200):
-            if await acked():
+        for _ in range(300):  # acked by the pusher itself: no client ack, no claim carried them
+            if await in_thread(all_acked)():
                 break
-            await until(lambda: True)
-        assert await acked()
+            await asyncio.sleep(0.01)
+        assert await in_thread(all_acked)()
         assert [m.body for m in pushed] == [str(i) for i in range(30)]
         assert pusher.unacked == {} or all(r in pusher._auto_acks for r in pusher.unacked)
 
@@ -178,3 +177,19 @@ async def test_a_stale_pusher_is_left_to_the_commits_claim(queue_factory: Any, c
         await in_thread(publish)(queue, broker.OutgoingMessage(body="second"))
         await until(lambda: len(pushed) == 2)
         assert claims == []  # no longer stale: leased at insert
+
+
+async def test_an_expired_lease_on_the_queue_makes_the_pusher_look_and_return_it(queue_factory: Any, claims: Any):
+    """A pusher fed by leases at insert never claims on its own, and only a claim returns an
+    expired lease to the queue: the insert tells the pusher when its queue holds one."""
+    queue = await in_thread(queue_factory)("lai")
+    [first] = await in_thread(publish)(queue, broker.OutgoingMessage(body="first"))
+    [held] = await in_thread(broker.receive)(queue=queue, max_messages=1)  # another consumer's lease
+    async with waiting_pusher(queue) as (_, pushed):
+        await in_thread(Delivery.objects.filter(state=State.LEASED).update)(
+            visible_at=clock.now() - timedelta(seconds=1)
+        )
+        [second] = await in_thread(publish)(queue, broker.OutgoingMessage(body="second"))
+        await until(lambda: len(pushed) == 2)
+        assert [(m.id, m.delivery_count, m.redelivered) for m in pushed] == [(second.id, 1, False), (first.id, 2, True)]
+        assert held.receipt != pushed[1].receipt
