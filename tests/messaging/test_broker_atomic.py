@@ -72,30 +72,41 @@ def test_publish__a_doomed_transaction_is_an_error_not_a_confirmation(queue_fact
 
 
 @pytest.mark.postgres
-async def test_hand_off__connection_killed_during_its_claim_fails_the_publish(queue_factory: Any, monkeypatch: Any):
+@pytest.mark.parametrize(
+    ("where", "dedup_id"),
+    [
+        # A dedup id takes the ORM path, whose commit hands off with a claim in a savepoint.
+        pytest.param("claim", "d1", id="hand-off claim"),
+        # A plain publish on PostgreSQL leases to the pusher in its insert (_LeasePlan).
+        pytest.param("insert_messages", None, id="lease at insert"),
+    ],
+)
+async def test_push__connection_killed_while_serving_a_pusher_fails_the_publish_and_frees_it(
+    queue_factory: Any, monkeypatch: Any, where: str, dedup_id: str | None
+):
     """The real thing: a waiting pusher, and the publish's own backend terminated while the
-    hand-off claims for it. The publish must raise; the pusher must be free to claim again."""
+    publish serves it (bulk.claim or bulk.insert_messages). The publish must raise, nothing be
+    stored or pushed, and the pusher be free to take the next publish."""
     queue = await in_thread(queue_factory)("handoff")
     pusher, pushed = recording_pusher(queue)
     publisher: list[threading.Thread] = []
-    real = bulk.claim
+    real = getattr(bulk, where)
 
     def killed_on_the_publisher(**kwargs: Any) -> Any:
-        """The hand-off's claim, inside its savepoint, on a connection that dies there."""
         if publisher and threading.current_thread() is publisher[0]:
+            if where == "insert_messages":
+                assert kwargs["lease"] is not None and kwargs["lease"].rows  # it was leasing
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
         return real(**kwargs)
 
-    monkeypatch.setattr(bulk, "claim", killed_on_the_publisher)
+    monkeypatch.setattr(bulk, where, killed_on_the_publisher)
     try:
         await until(lambda: queue.pk in push._TAKEABLE)
 
         def publish() -> Any:
             publisher.append(threading.current_thread())
-            # A dedup id: the ORM path, whose commit hands off with a claim (a plain publish on
-            # PostgreSQL leases as it inserts: the next test).
-            never = broker.OutgoingMessage(body="never confirmed", dedup_id="d1")
+            never = broker.OutgoingMessage(body="never confirmed", dedup_id=dedup_id)
             return broker.publish(queue=queue, messages=[never])
 
         with pytest.raises(DatabaseError):
@@ -103,47 +114,6 @@ async def test_hand_off__connection_killed_during_its_claim_fails_the_publish(qu
         publisher.clear()  # executor threads are reused: kill no more
         assert not await in_thread(Delivery.objects.exists)()
         await until(lambda: queue.pk in push._TAKEABLE)  # settled: takeable again
-        published = await in_thread(broker.publish)(queue=queue, messages=[broker.OutgoingMessage(body="kept")])
-        await until(lambda: bool(pushed))
-        assert [m.id for m in pushed] == [published[0].id]
-    finally:
-        await pusher.stop()
-        with contextlib.suppress(Exception):
-            await in_thread(broker.nack)(receipts=list(pusher.unacked))
-
-
-@pytest.mark.postgres
-async def test_lease_at_insert__connection_killed_in_the_insert_fails_the_publish_and_frees_the_pusher(
-    queue_factory: Any, monkeypatch: Any
-):
-    """A plain publish leases to the waiting pusher in its insert (broker.publishing,
-    _LeasePlan). Its backend terminated right there: the publish raises, nothing is leased or
-    pushed, and the pusher, given back, takes the next publish."""
-    queue = await in_thread(queue_factory)("handoff")
-    pusher, pushed = recording_pusher(queue)
-    publisher: list[threading.Thread] = []
-    real = bulk.insert_messages
-
-    def killed_on_the_publisher(**kwargs: Any) -> Any:
-        if publisher and threading.current_thread() is publisher[0]:
-            assert kwargs["lease"] is not None and kwargs["lease"].rows  # it was leasing
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
-        return real(**kwargs)
-
-    monkeypatch.setattr(bulk, "insert_messages", killed_on_the_publisher)
-    try:
-        await until(lambda: queue.pk in push._TAKEABLE)
-
-        def publish() -> Any:
-            publisher.append(threading.current_thread())
-            return broker.publish(queue=queue, messages=[broker.OutgoingMessage(body="never confirmed")])
-
-        with pytest.raises(DatabaseError):
-            await in_thread(publish)()
-        publisher.clear()
-        assert not await in_thread(Delivery.objects.exists)()
-        await until(lambda: queue.pk in push._TAKEABLE)  # given back: takeable again
         assert pushed == []
         published = await in_thread(broker.publish)(queue=queue, messages=[broker.OutgoingMessage(body="kept")])
         await until(lambda: bool(pushed))
