@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import functools
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
 
 from messaging import broker, clock, push
 from messaging.broker import bulk
@@ -55,6 +57,18 @@ def claims(monkeypatch: Any) -> list[str]:
 
     monkeypatch.setattr(bulk, "claim", recorded)
     return calls
+
+
+def closing(fn: Any) -> Any:
+    """`fn`, closing its thread's database connection when it returns."""
+
+    def run(*args: Any) -> None:
+        try:
+            fn(*args)
+        finally:
+            connection.close()
+
+    return run
 
 
 def publish(queue: Any, *messages: broker.OutgoingMessage) -> list[broker.PublishResult]:
@@ -193,3 +207,103 @@ async def test_an_expired_lease_on_the_queue_makes_the_pusher_look_and_return_it
         await until(lambda: len(pushed) == 2)
         assert [(m.id, m.delivery_count, m.redelivered) for m in pushed] == [(second.id, 1, False), (first.id, 2, True)]
         assert held.receipt != pushed[1].receipt
+
+
+async def test_concurrent_publishers_and_competing_consumers_get_each_message_exactly_once(
+    queue_factory: Any, monkeypatch: Any
+):
+    """Several publishers on their own connections, two pushers of this process and a REST-style
+    consumer competing for one queue: every message is delivered once and acked, none is lost,
+    and no pusher ever holds more than its prefetch."""
+    leases: list[int] = []  # pushers taken by a publish's insert
+    real_take = push.take_waiting
+
+    def counted(queue_ids: Any) -> Any:
+        taken = real_take(queue_ids)
+        leases.append(len(taken))
+        return taken
+
+    monkeypatch.setattr(push, "take_waiting", counted)
+    queue = await in_thread(queue_factory)("lai")
+    prefetch, publishers, each = 2, 4, 40
+    delivered: list[str] = []
+    over_prefetch: list[int] = []
+    pushers: list[push.Pusher] = []
+    acking: set[asyncio.Task[None]] = set()
+
+    def ack_and_settle(pusher: push.Pusher, messages: Any) -> None:
+        async def ack() -> None:
+            receipts = [m.receipt for m in messages]
+            assert await in_thread(broker.ack)(receipts=receipts) == [broker.ACK_OK] * len(receipts)
+            pusher.settled(receipts)
+
+        task = asyncio.ensure_future(ack())
+        acking.add(task)
+        task.add_done_callback(acking.discard)
+
+    for n in range(2):
+
+        async def deliver(pusher: push.Pusher, messages: Any) -> None:
+            if len(pusher.unacked) > prefetch:
+                over_prefetch.append(len(pusher.unacked))
+            delivered.extend(m.body for m in messages)
+            ack_and_settle(pusher, messages)
+
+        pusher = push.Pusher(
+            key=f"s{n}", queue=queue, prefetch=prefetch, auto_ack=False, deliver=deliver, recheck_seconds=1
+        )
+        pusher.start()
+        pushers.append(pusher)
+    done = threading.Event()
+
+    def publish_all(p: int) -> None:
+        i = 0
+        while i < each:  # batches of 1 to 4: a lease must also respect a room smaller than a batch
+            size = min(i % 4 + 1, each - i)
+            publish(queue, *[broker.OutgoingMessage(body=f"{p}-{j}") for j in range(i, i + size)])
+            i += size
+            time.sleep(0.03)  # slower than the consumers: they wait, and publishes lease to them
+
+    received: list[str] = []
+
+    def receive_until_done() -> None:
+        while not done.is_set():
+            messages = broker.receive(queue=queue, max_messages=2)
+            if messages:
+                assert broker.ack(receipts=[m.receipt for m in messages]) == [broker.ACK_OK] * len(messages)
+                received.extend(m.body for m in messages)
+            else:
+                time.sleep(0.005)
+
+    # Threads of their own, each with its own connection: the executor in_thread uses stays free
+    # for the pushers' acks.
+    threads = [threading.Thread(target=closing(publish_all), args=(p,)) for p in range(publishers)]
+    threads.append(threading.Thread(target=closing(receive_until_done)))
+    try:
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads[:publishers]):
+            await asyncio.sleep(0.01)
+        total = publishers * each
+
+        def acked() -> int:
+            return int(Delivery.objects.filter(state=State.ACKED).count())
+
+        for _ in range(1000):
+            if await in_thread(acked)() == total:
+                break
+            await asyncio.sleep(0.01)
+        done.set()
+        threads[-1].join()
+        everything = sorted(delivered + received)
+        assert everything == sorted(f"{p}-{i}" for p in range(publishers) for i in range(each))
+        assert sum(leases) >= 3, leases  # the path under test: publishes leased to waiting pushers
+        assert over_prefetch == []
+        assert await in_thread(acked)() == total
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+        for pusher in pushers:
+            await pusher.stop()
+        await asyncio.gather(*acking, return_exceptions=True)
