@@ -424,12 +424,12 @@ def take_waiting(queue_ids: Iterable[int]) -> dict[int, tuple[Pusher, int]]:
     take one waiting pusher with room for each, for the insert to lease messages to
     (broker.publishing). Returns {queue pk: (pusher, room)}. Every pusher taken must be given
     `hand_over` or `give_back` in this transaction."""
-    if not _TAKEABLE or getattr(_claiming, "active", False) or not connection.in_atomic_block:
+    if not _may_take():
         return {}
     taken: dict[int, tuple[Pusher, int]] = {}
     with _TAKEABLE_LOCK:
         for qid in queue_ids:
-            pusher = next(iter(_TAKEABLE.get(qid, ())), None)
+            pusher = _longest_waiting(qid)
             if pusher is None or pusher._stale:  # stale: left to hand_off's claim (Pusher._wait)
                 continue
             room = pusher.room()
@@ -448,10 +448,22 @@ def hand_over(pusher: Pusher, messages: list[broker.ReceivedMessage], *, filled:
 
 
 def give_back(pushers: Iterable[Pusher]) -> None:
-    """Pushers taken by take_waiting that get nothing (the insert failed): they look again."""
+    """Pushers taken by this transaction that get nothing from it (the insert or the claim
+    failed, or found nothing): they look again."""
     for pusher in pushers:
         assert pusher._loop is not None and pusher._handed is not None
         pusher._loop.call_soon_threadsafe(_settle, pusher._handed, None)
+
+
+def _may_take() -> bool:
+    """Can this thread take a waiting pusher? Only inside a transaction (its commit pushes), and
+    not in a pusher's own claim."""
+    return bool(_TAKEABLE) and not getattr(_claiming, "active", False) and connection.in_atomic_block
+
+
+def _longest_waiting(queue_id: int) -> Pusher | None:
+    """Under _TAKEABLE_LOCK: the pusher that has waited longest on the queue, if any."""
+    return next(iter(_TAKEABLE.get(queue_id, ())), None)
 
 
 def _take(queue_id: int, pusher: Pusher) -> None:
@@ -471,14 +483,12 @@ def hand_off(queue_ids: Sequence[int]) -> set[Pusher]:
     transaction is redundant. A failed claim is rolled back to its savepoint and changes
     nothing; the pusher then claims on its own when the doorbell rings. (A plain publish on
     PostgreSQL leases to waiting pushers as it inserts instead: take_waiting.)"""
-    if not _TAKEABLE or getattr(_claiming, "active", False):
-        return set()
-    if not connection.in_atomic_block:
+    if not _may_take():
         return set()
     taken: list[Pusher] = []
     with _TAKEABLE_LOCK:
         for qid in queue_ids:
-            pusher = next(iter(_TAKEABLE.get(qid, ())), None)
+            pusher = _longest_waiting(qid)
             if pusher is not None:
                 _take(qid, pusher)
                 taken.append(pusher)
@@ -496,15 +506,12 @@ def hand_off(queue_ids: Sequence[int]) -> set[Pusher]:
                 # The savepoint could not be rolled back (the connection died): the caller's
                 # whole transaction is lost, and it must fail, not go on to "commit" (which
                 # Django would turn into a silent rollback, broker.common.atomic).
-                for other in taken[n:]:
-                    other_loop, other_handed = other._loop, other._handed
-                    assert other_loop is not None and other_handed is not None
-                    other_loop.call_soon_threadsafe(_settle, other_handed, None)
+                give_back(taken[n:])
                 raise
-            loop.call_soon_threadsafe(_settle, handed, None)
+            give_back([pusher])
             continue
         if not messages and not acks:  # nothing for it yet (delayed messages, say)
-            loop.call_soon_threadsafe(_settle, handed, None)
+            give_back([pusher])
             continue
         _after_commit(loop, handed, (acks, messages, len(messages) >= room))
         served.add(pusher)

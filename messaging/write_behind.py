@@ -133,7 +133,7 @@ class WriteBehind:
             self._start_writer()
             self._wake.notify()
         if early:
-            return [broker.PublishResult(id=TRANSIENT.public_id(pk), duplicate=False) for pk in ids]  # type: ignore[union-attr]
+            return _results(ids)  # type: ignore[arg-type]
         # shield: a client that goes away must not cancel its place in the writer's queue.
         return await asyncio.shield(future)
 
@@ -296,8 +296,7 @@ class WriteBehind:
             entry.early, entry.eligible = True, False
             self._behind += entry.size
             self._waiting_for_room -= 1
-            ids = entry.publish.ids or []
-            _resolve(entry.waiter, [broker.PublishResult(id=TRANSIENT.public_id(pk), duplicate=False) for pk in ids])
+            _resolve(entry.waiter, _results(entry.publish.ids or []))
             entry.waiter = None
 
     def _drop(self, entry: _Entry, reason: Exception) -> None:
@@ -367,6 +366,11 @@ class WriteBehind:
                     return False
                 self._wake.wait(left)
         return True
+
+
+def _results(ids: Sequence[int]) -> list[broker.PublishResult]:
+    """The answer to a publish written under `ids` (message pks of the non-durable store)."""
+    return [broker.PublishResult(id=TRANSIENT.public_id(pk), duplicate=False) for pk in ids]
 
 
 def _resolve(waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None, outcome: Any) -> None:
