@@ -200,6 +200,14 @@ class Pusher:
     def bell(self) -> Listener | None:
         return self._bell
 
+    def behind(self) -> bool:
+        """Under _TAKEABLE_LOCK, any thread: may messages of the queue be waiting for us that a
+        lease at insert would overtake? Either we were rung during our own claim (stale, see
+        _wait), or a commit rang us since we began to wait and we have not looked yet (a
+        connection's next publish can come before we wake). Left to hand_off's claim, which
+        takes the older messages first."""
+        return self._stale or (self._bell is not None and self._bell.rung)
+
     def room(self) -> int:
         """How many messages a claim for us may take now (auto-acks pending count as room:
         they are acked with it, or just after)."""
@@ -430,7 +438,7 @@ def take_waiting(queue_ids: Iterable[int]) -> dict[int, tuple[Pusher, int]]:
     with _TAKEABLE_LOCK:
         for qid in queue_ids:
             pusher = _longest_waiting(qid)
-            if pusher is None or pusher._stale:  # stale: left to hand_off's claim (Pusher._wait)
+            if pusher is None or pusher.behind():
                 continue
             room = pusher.room()
             if room > 0:
