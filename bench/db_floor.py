@@ -4,7 +4,9 @@ leaves its database behind).
 Runs Pegasus's own publish SQL (messaging/broker/bulk.py) in-process against the bench
 database, 100 messages of 256 bytes per transaction, without HTTP, daphne or group commit, and
 prints the wall time and client CPU per batch for the durable and the non-durable store, for
-broker.publish (the same plus validation and bookkeeping), and for a receive + ack of 100.
+broker.publish (the same plus validation and bookkeeping), for a receive + ack of 100, and for
+the round of a consumer that acks and leases in one transaction (a push consumer with
+prefetch 100 acking every 50; a REST receive carrying the previous batch's acks).
 These are the floors a REST batch publish or consume cannot go under in this design
 (docs/performance.md).
 """
@@ -38,14 +40,14 @@ from messaging.broker import DURABLE, TRANSIENT, bulk  # noqa: E402
 ROUNDS = 200
 
 
-def measure(label: str, fn: Callable[[], object]) -> float:
+def measure(label: str, fn: Callable[[], object], messages: int = 100) -> float:
     fn()
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(ROUNDS):
         fn()
     wall_ms = (time.perf_counter() - wall) / ROUNDS * 1000
     cpu_ms = (time.process_time() - cpu) / ROUNDS * 1000
-    print(f"{label:<48} {wall_ms:6.2f} ms wall  {cpu_ms:5.2f} ms client CPU  ({100_000 / wall_ms:,.0f} msg/s)")
+    print(f"{label:<48} {wall_ms:6.2f} ms wall  {cpu_ms:5.2f} ms client CPU  ({messages * 1000 / wall_ms:,.0f} msg/s)")
     return wall_ms
 
 
@@ -83,6 +85,27 @@ def main() -> None:
         broker.ack(receipts=[m.receipt for m in got])
 
     measure("durable: receive 100 + ack 100, two commits", consume)
+    broker.delete_queue(queue=queue)
+    for size in (50, 100):
+        measure_window(fill, size)
+
+
+def measure_window(fill: list[broker.OutgoingMessage], size: int) -> None:
+    """Rounds of a consumer that holds leased messages and, each round, acks the oldest `size`
+    and leases `size` more in one transaction (broker.ack_and_receive): a push consumer with
+    prefetch 100 acking every 50 (size 50), or a REST consumer whose receive of 100 carries the
+    previous batch's acks (size 100)."""
+    queue, _ = broker.create_queue(name=f"db-floor-window-{size}")
+    for _ in range((ROUNDS + 3) * size // 100 + 1):
+        broker.publish(queue=queue, messages=fill[:100])
+    held = [m.receipt for m in broker.receive(queue=queue, max_messages=2 * size)]
+
+    def round_trip() -> None:
+        nonlocal held
+        _, got = broker.ack_and_receive(receipts=held[:size], queue=queue, max_messages=size)
+        held = held[size:] + [m.receipt for m in got]
+
+    measure(f"durable: ack {size} + receive {size}, one commit", round_trip, size)
     broker.delete_queue(queue=queue)
 
 
