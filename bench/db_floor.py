@@ -4,7 +4,8 @@ leaves its database behind).
 Runs Pegasus's own publish SQL (messaging/broker/bulk.py) in-process against the bench
 database, 100 messages of 256 bytes per transaction, without HTTP, daphne or group commit, and
 prints the wall time and client CPU per batch for the durable and the non-durable store, for
-broker.publish (the same plus validation and bookkeeping), for a receive + ack of 100, and for
+broker.publish (the same plus validation and bookkeeping; also of a single message, the
+database's part of a latency round), for a receive + ack of 100, and for
 the round of a consumer that acks and leases in one transaction (a push consumer with
 prefetch 100 acking every 50; a REST receive carrying the previous batch's acks).
 These are the floors a REST batch publish or consume cannot go under in this design
@@ -71,6 +72,9 @@ def main() -> None:
             broker.publish(queue=queue, messages=messages)
 
         measure(f"{kind}: broker.publish, 100 messages", publish)
+    # The database's part of a latency round: one message, its own flushed commit.
+    one = [broker.OutgoingMessage(body=BODY)]
+    measure("durable: broker.publish, 1 message", lambda: broker.publish(queue=queue, messages=one), 1)
     # Consume: a receive of 100 (a lease, committed) and the ack of those 100 (committed), from a
     # queue of its own holding only what it consumes (the one above holds 80,000 messages of
     # both stores, which made this figure swing with their vacuum).
