@@ -18,7 +18,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ if __package__ in (None, ""):
 from bench import baselines
 from bench.common import BODY, Scale
 from bench.http import Client
+from bench.pegasus import publish_for
 
 ANSWER = json.dumps({"messages": [{"id": "1", "duplicate": False}]}).encode()
 
@@ -48,19 +48,8 @@ async def application(scope: dict[str, Any], receive: Receive, send: Send) -> No
     await send({"type": "http.response.body", "body": ANSWER})
 
 
-async def _client_loop(port: int, deadline: float) -> int:
-    client = Client("127.0.0.1", port, "ceiling")
-    done = 0
-    try:
-        while time.perf_counter() < deadline:
-            await client.request("POST", "/api/v1/queues/ceiling/messages", {"body": BODY}, expect=(201,))
-            done += 1
-    finally:
-        await client.close()
-    return done
-
-
 async def measure(port: int, clients: int, seconds: float) -> float:
+    """The "durable publish, 1 per request" stage's own loop (bench.pegasus.publish_for)."""
     for _ in range(100):  # wait for daphne to listen
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -68,9 +57,13 @@ async def measure(port: int, clients: int, seconds: float) -> float:
             break
         except OSError:
             await asyncio.sleep(0.1)
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(_client_loop(port, start + seconds) for _ in range(clients)))
-    return sum(counts) / (time.perf_counter() - start)
+    else:
+        raise RuntimeError("daphne did not start listening in 10 s")
+    n, secs = await publish_for(
+        lambda: Client("127.0.0.1", port, "ceiling"), "/api/v1/queues/ceiling/messages", {"body": BODY}, 1, clients,
+        seconds,
+    )  # fmt: skip
+    return n / secs
 
 
 def main() -> None:

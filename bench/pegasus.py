@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.common import BODY, Result, Scale, percentile
@@ -49,8 +50,10 @@ def _batch(size: int, *, durable: bool = True) -> dict[str, Any]:
     return {"messages": [{"body": BODY, "durable": durable} for _ in range(size)]}
 
 
-async def _publish_loop(peg: Pegasus, path: str, payload: dict[str, Any], n: int, deadline: float) -> int:
-    client = peg.client()
+async def _publish_loop(
+    connect: Callable[[], Client], path: str, payload: dict[str, Any], n: int, deadline: float
+) -> int:
+    client = connect()
     done = 0
     try:
         while time.perf_counter() < deadline:
@@ -62,17 +65,17 @@ async def _publish_loop(peg: Pegasus, path: str, payload: dict[str, Any], n: int
     return done
 
 
-async def _publish_for(
-    peg: Pegasus, path: str, payload: dict[str, Any], n: int, clients: int, secs: float
+async def publish_for(
+    connect: Callable[[], Client], path: str, payload: dict[str, Any], n: int, clients: int, secs: float
 ) -> tuple[int, float]:
     start = time.perf_counter()
-    counts = await asyncio.gather(*(_publish_loop(peg, path, payload, n, start + secs) for _ in range(clients)))
+    counts = await asyncio.gather(*(_publish_loop(connect, path, payload, n, start + secs) for _ in range(clients)))
     return sum(counts), time.perf_counter() - start
 
 
 async def publish_single(peg: Pegasus, scale: Scale, *, clients: int = 8) -> Result:
     queue = await peg.new_queue("single")
-    n, secs = await _publish_for(peg, f"{API}/queues/{queue}/messages", {"body": BODY}, 1, clients, scale.seconds)
+    n, secs = await publish_for(peg.client, f"{API}/queues/{queue}/messages", {"body": BODY}, 1, clients, scale.seconds)
     return Result("durable publish, 1 per request", "pegasus", n, secs, {"clients": clients, "interface": "REST"})
 
 
@@ -81,14 +84,14 @@ async def publish_batch(
 ) -> Result:
     queue = await peg.new_queue("batch")
     path = f"{API}/queues/{queue}/messages"
-    n, secs = await _publish_for(peg, path, _batch(size, durable=durable), size, clients, scale.seconds)
+    n, secs = await publish_for(peg.client, path, _batch(size, durable=durable), size, clients, scale.seconds)
     name = f"{'durable' if durable else 'non-durable'} publish, batch {size}"
     return Result(name, "pegasus", n, secs, {"clients": clients, "batch": size, "interface": "REST"})
 
 
 async def fan_out(peg: Pegasus, scale: Scale, *, subscriptions: int = 10, clients: int = 1) -> Result:
     topic, _ = await peg.new_topic("fanout", subscriptions)
-    n, secs = await _publish_for(peg, f"{API}/topics/{topic}/messages", _batch(100), 100, clients, scale.seconds)
+    n, secs = await publish_for(peg.client, f"{API}/topics/{topic}/messages", _batch(100), 100, clients, scale.seconds)
     extra = {
         "subscriptions": subscriptions,
         "batch": 100,
@@ -302,7 +305,7 @@ async def backlog(peg: Pegasus, scale: Scale, first_stage_rate: float | None) ->
     "durable publish, batch 100" stage ran minutes earlier, on a machine whose speed drifts
     by tens of percent in that time (its ratio is kept as ratio_to_first_stage)."""
     empty = await peg.new_queue("empty")
-    n, secs = await _publish_for(peg, f"{API}/queues/{empty}/messages", _batch(100), 100, 1, scale.seconds)
+    n, secs = await publish_for(peg.client, f"{API}/queues/{empty}/messages", _batch(100), 100, 1, scale.seconds)
     empty_rate = n / secs
     results = [Result(EMPTY_BEFORE_BACKLOG, "pegasus", n, secs, {"rss_mb": peg.server.rss_mb()})]
     queue = await peg.new_queue("backlog")
@@ -313,9 +316,10 @@ async def backlog(peg: Pegasus, scale: Scale, first_stage_rate: float | None) ->
     )
     # The publish stage again, to the backlogged queue itself.
     path = f"{API}/queues/{queue}/messages"
-    n, secs = await _publish_for(peg, path, _batch(100), 100, 1, scale.seconds)
-    extra: dict[str, Any] = {"rss_mb": peg.server.rss_mb(), "backlog": scale.backlog}
-    extra["ratio_to_empty"] = (n / secs) / empty_rate
+    n, secs = await publish_for(peg.client, path, _batch(100), 100, 1, scale.seconds)
+    extra: dict[str, Any] = {
+        "rss_mb": peg.server.rss_mb(), "backlog": scale.backlog, "ratio_to_empty": (n / secs) / empty_rate,
+    }  # fmt: skip
     if first_stage_rate:
         extra["ratio_to_first_stage"] = (n / secs) / first_stage_rate
     results.append(Result("durable publish, batch 100, with backlog", "pegasus", n, secs, extra))
