@@ -52,8 +52,6 @@ log = logging.getLogger("pegasus.write_behind")
 ENABLED = os.environ.get("PEGASUS_WRITE_BEHIND", "1") != "0"
 # Messages answered early and not yet written, at most (per process).
 MAX_BEHIND = int(os.environ.get("PEGASUS_WRITE_BEHIND_MESSAGES", "10000"))
-# Message ids held in advance; refilled when half are used. A refill is one round trip.
-ID_RESERVE = max(MAX_BEHIND, 1000)
 # How long a receive waits for the writer before it reads anyway (the database may be down).
 CATCH_UP_SECONDS = 10.0
 EXIT_SECONDS = 5.0
@@ -61,6 +59,15 @@ MAX_BACKOFF_SECONDS = 2.0
 
 AccessKey = tuple[Any, access.Kind, str]
 Destination = tuple[access.Kind, str]  # what a publish names: a queue, or a topic
+
+
+def id_reserve() -> int:
+    """Message ids held in advance; refilled when half are used, before each round (one round
+    trip). Half the reserve covers what a publisher can take while one round is written: up to
+    MAX_BEHIND answered early, plus a round's worth waiting for room. A publish that finds the
+    reserve empty must wait for its own round: with a reserve of MAX_BEHIND, that stalled a
+    steady publisher for ~150 ms a few times a second (docs/performance.md)."""
+    return 2 * (max(MAX_BEHIND, 1000) + group_commit.MAX_ROUND_MESSAGES)
 
 
 @dataclass(eq=False)
@@ -189,14 +196,14 @@ class WriteBehind:
         backoff = 0.0
         while True:
             with self._wake:
-                while not self._queue and (self._closed or len(self._ids) >= ID_RESERVE // 2):
+                while not self._queue and (self._closed or len(self._ids) >= id_reserve() // 2):
                     if self._closed:
                         return
                     self._wake.wait()
                 batch = self._take_batch()
             try:
                 # Ids first: the publishes that wait for this round find them when it is answered.
-                retry = not self._refill_ids() if len(self._ids) < ID_RESERVE // 2 else False
+                retry = not self._refill_ids() if len(self._ids) < id_reserve() // 2 else False
                 if batch:
                     self._number_late(batch)
                     retry = self._write(batch) or retry
@@ -308,14 +315,14 @@ class WriteBehind:
         )  # fmt: skip
 
     def _refill_ids(self, at_least: int = 0) -> bool:
-        """Take ids in advance, up to ID_RESERVE (and `at_least`); False if the database could
+        """Take ids in advance, up to id_reserve() (and `at_least`); False if the database could
         not be reached (publishes then wait for their rounds meanwhile)."""
         table = TRANSIENT.message._meta.db_table
         try:
             with connection.cursor() as cursor:
                 cursor.execute(
                     "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
-                    [table, max(ID_RESERVE, at_least) - len(self._ids)],
+                    [table, max(id_reserve(), at_least) - len(self._ids)],
                 )
                 fresh = [row[0] for row in cursor.fetchall()]
         except DatabaseError:

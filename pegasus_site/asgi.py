@@ -22,6 +22,7 @@ from messaging import listener, longpoll, maintenance, routing  # noqa: E402
 from messaging.bridges import runner as bridge_runner  # noqa: E402
 from pegasus_site.bodylimit import BodyLimit, guard_daphne  # noqa: E402
 from pegasus_site.express import ExpressLane  # noqa: E402
+from pegasus_site.gc_tuning import settle_garbage_collector  # noqa: E402
 from pegasus_site.longpoll_handler import LongPollRouter  # noqa: E402
 
 maintenance.start_in_background()
@@ -30,6 +31,8 @@ console_rates.start_in_background()  # flushes publish/deliver/ack counters for 
 listener.ensure_started()  # cross-process wake-ups (PostgreSQL only)
 guard_daphne()  # 413 for oversized request bodies while they arrive, not after
 longpoll.unpin_request_threads()  # a waiting long poll holds no thread
+
+settle_garbage_collector()  # last: after every module and background thread above is loaded
 
 application = ProtocolTypeRouter(
     {

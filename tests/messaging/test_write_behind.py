@@ -282,6 +282,32 @@ async def test_publish__held_back_by_max_behind_is_answered_when_there_is_room_n
     assert (await _stored("wb-room"))[3:] == [(ids[0], "b1"), (ids[1], "b2")]
 
 
+async def test_publish__the_id_reserve_lasts_a_publisher_through_a_round(
+    writer: write_behind.WriteBehind, admin: Any, monkeypatch: Any
+):
+    """The writer tops the reserve up before a round only when it is below half. Half must cover
+    what a publisher takes while that round is written (MAX_BEHIND answered early), or the
+    publisher runs out of ids and waits for its own round (~150 ms at full speed)."""
+    monkeypatch.setattr(write_behind, "MAX_BEHIND", 1000)
+    monkeypatch.setattr(group_commit, "MAX_ROUND_MESSAGES", 100)
+    await _create_queue("wb-ids")
+    await _warm(writer, admin, "wb-ids")
+    with writer._lock:  # the least a round can start with: exactly half (after "first"), so no top-up
+        while len(writer._ids) > write_behind.id_reserve() // 2 + 1:
+            writer._ids.pop()
+    gate = _held_back(monkeypatch)
+    try:
+        await _publish(admin, "wb-ids", "first")
+        await asyncio.sleep(0.05)  # the writer takes it and waits at the gate
+        for n in range(9):  # 1 + 900 + 99 = MAX_BEHIND, all while that round is held
+            await asyncio.wait_for(_publish(admin, "wb-ids", *(f"m{n}-{i}" for i in range(100))), 2)
+        await asyncio.wait_for(_publish(admin, "wb-ids", *(f"last-{i}" for i in range(99))), 2)
+    finally:
+        gate.set()
+    await writer.caught_up()
+    assert len(await _stored("wb-ids")) == 1 + 1000
+
+
 # ----------------------------------------------------------------- failures after an early answer
 
 

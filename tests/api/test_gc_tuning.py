@@ -1,0 +1,41 @@
+"""pegasus_site.gc_tuning: the server process's garbage collector settings (called by asgi.py)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from pegasus_site.gc_tuning import YOUNG_THRESHOLD, settle_garbage_collector
+
+
+@pytest.fixture
+def settled() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    try:
+        settle_garbage_collector()
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+def test_settle__freezes_what_start_up_left_and_raises_the_young_threshold(settled: None):
+    assert gc.get_freeze_count() > 10_000  # Django and the apps are loaded in the test process
+    assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+
+
+def test_settle__garbage_made_afterwards_is_still_collected(settled: None):
+    """A request's reference cycles are still freed: only what existed at start-up is frozen."""
+    node = _Node()
+    alive = weakref.ref(node)
+    del node
+    gc.collect()
+    assert alive() is None
