@@ -176,7 +176,16 @@ class TransientMessage(MessageBase):
 
 
 class TransientDelivery(DeliveryBase):
-    message = models.ForeignKey(TransientMessage, on_delete=models.CASCADE, related_name="deliveries")
+    # No foreign-key constraint in the database (Django still cascades deletes): checking it
+    # was a sixth of writing non-durable messages (docs/performance.md). Nothing can break it: a
+    # delivery is inserted with its message, in one statement (broker/bulk.py) or one transaction
+    # (publishing.py), or copied from a delivery of the same message locked meanwhile
+    # (operator.py), and a message is deleted only once no delivery refers to it
+    # (delivery._delete_deliveries). The queue's constraint stays: it is what makes a publish
+    # racing a queue's deletion fail rather than leave deliveries to nowhere.
+    message = models.ForeignKey(
+        TransientMessage, on_delete=models.CASCADE, related_name="deliveries", db_constraint=False
+    )
     queue = models.ForeignKey(Queue, on_delete=models.CASCADE, related_name="transient_deliveries")
     origin_queue = models.ForeignKey(
         Queue, null=True, blank=True, on_delete=models.SET_NULL, related_name="transient_dead_letters", db_index=False
