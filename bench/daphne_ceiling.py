@@ -8,6 +8,12 @@ confirm-each rate (when reachable). What daphne does here is the least any reque
 Pegasus costs, so the ratio printed is the most that stage could reach against RabbitMQ on
 this machine before any broker work (docs/performance.md, "Why the remaining targets are not
 met").
+
+It then measures the latency stage's path without the broker: the bare app relays each frame
+of a "publisher" WebSocket to a "consumer" WebSocket and confirms it to the publisher, and the
+latency stage's client loop (the same rate, body and header) times send to arrival. Add the
+database's part (`python -m bench.db_floor`, "durable: broker.publish, 1 message") for the
+least an end-to-end latency through Pegasus can be.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import baselines
-from bench.common import BODY, Scale
+from bench.common import BODY, Scale, percentile
 from bench.http import Client
 from bench.pegasus import publish_for
 
@@ -36,8 +43,14 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+CONFIRM = json.dumps({"op": "published", "corr": "0", "messages": [{"id": "1", "duplicate": False}]})
+_consumers: list[Send] = []
+
+
 async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """The bare app daphne serves: read the whole body, answer 201 with a publish's JSON."""
+    if scope["type"] == "websocket":
+        return await _relay(scope, receive, send)
     if scope["type"] != "http":
         return
     more = True
@@ -46,6 +59,58 @@ async def application(scope: dict[str, Any], receive: Receive, send: Send) -> No
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
     await send({"type": "http.response.start", "status": 201, "headers": headers})
     await send({"type": "http.response.body", "body": ANSWER})
+
+
+async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    """/consumer: receives every frame sent to /publisher, which gets a confirm for each."""
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    consumer = scope["path"] == "/consumer"
+    if consumer:
+        _consumers.append(send)
+    try:
+        while (event := await receive())["type"] == "websocket.receive":
+            if not consumer:
+                for deliver in _consumers:
+                    await deliver({"type": "websocket.send", "text": event["text"]})
+                await send({"type": "websocket.send", "text": CONFIRM})
+    finally:
+        if consumer:
+            _consumers.remove(send)
+
+
+async def relay_latency(port: int, rate: int, seconds: float) -> list[float]:
+    """The latency stage's loop (bench.pegasus.latency) against the relay: sorted ms."""
+    import websockets
+
+    total = int(rate * seconds)
+    arrivals: list[float] = []
+    options: dict[str, Any] = {"max_size": None, "compression": None, "ping_interval": None}
+    async with (
+        websockets.connect(f"ws://127.0.0.1:{port}/publisher", **options) as pub,
+        websockets.connect(f"ws://127.0.0.1:{port}/consumer", **options) as sub,
+    ):
+        await asyncio.sleep(0.2)
+
+        async def consume() -> None:
+            while len(arrivals) < total:
+                frame = json.loads(await asyncio.wait_for(sub.recv(), 10))
+                arrivals.append(time.perf_counter() - float(frame["messages"][0]["headers"]["t"]))
+
+        async def confirms() -> None:
+            for _ in range(total):
+                json.loads(await pub.recv())
+
+        async def produce() -> None:
+            start = time.perf_counter()
+            for i in range(total):
+                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+                message = {"body": BODY, "headers": {"t": repr(time.perf_counter())}}
+                frame = {"op": "publish", "corr": str(i), "queue": "ceiling", "messages": [message]}
+                await pub.send(json.dumps(frame, separators=(",", ":")))
+
+        await asyncio.gather(consume(), confirms(), produce())
+    return sorted(a * 1000 for a in arrivals)
 
 
 async def measure(port: int, clients: int, seconds: float) -> float:
@@ -82,12 +147,17 @@ def main() -> None:
     )  # fmt: skip
     try:
         rate = asyncio.run(measure(port, args.clients, args.seconds))
+        scale = Scale.full()
+        latencies = asyncio.run(relay_latency(port, scale.latency_rate, scale.latency_seconds))
     finally:
         proc.terminate()
         proc.wait(10)
     print(f"daphne, bare ASGI app, 1 message per request, {args.clients} clients: {rate:,.0f} requests/s")
+    print(
+        f"daphne, bare WebSocket relay at {scale.latency_rate} msg/s: p50 {percentile(latencies, 50):.2f} ms,"
+        f" p99 {percentile(latencies, 99):.2f} ms (add bench.db_floor's 1-message publish for the latency floor)"
+    )
     if baselines.rabbit_reachable():
-        scale = Scale.full()
         scale.seconds = args.seconds
         rabbit = baselines.rabbit_confirm_each(scale).rate or float("nan")
         print(f"RabbitMQ, confirm each: {rabbit:,.0f} msg/s; daphne's ceiling is {rate / rabbit:.2f}x of it "
