@@ -169,7 +169,7 @@ def insert_messages(
             row["d"] = msg.delay_seconds
         if msg.ttl_seconds:
             row["t"] = msg.ttl_seconds
-        if queues is not unfiltered and queues != unfiltered:
+        if queues != unfiltered:
             row["q"] = queues
         if ids is not None:
             row["i"] = ids[i]
@@ -185,8 +185,7 @@ def insert_messages(
     notify = events.payload(routed) if transaction_id is None else ""
     params = {
         "batch": json.dumps(batch, separators=(",", ":")), "unfiltered": unfiltered, "destination": destination,
-        "now": now,
-        "state": state, "transaction": transaction_id, "channel": events.CHANNEL, "notify": notify,
+        "now": now, "state": state, "transaction": transaction_id, "channel": events.CHANNEL, "notify": notify,
     }  # fmt: skip
     if not leasing:
         with server_cursor() as cursor:
