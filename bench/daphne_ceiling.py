@@ -11,7 +11,7 @@ met").
 
 It then measures the latency stage's path without the broker: the bare app relays each frame
 of a "publisher" WebSocket to a "consumer" WebSocket and confirms it to the publisher, and the
-latency stage's client loop (the same rate, body and header) times send to arrival. Add the
+latency stage's own client loop (bench.pegasus.paced_latencies) times send to arrival. Add the
 database's part (`python -m bench.db_floor`, "durable: broker.publish, 1 message") for the
 least an end-to-end latency through Pegasus can be.
 """
@@ -24,7 +24,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ if __package__ in (None, ""):
 from bench import baselines
 from bench.common import BODY, Scale, percentile
 from bench.http import Client
-from bench.pegasus import publish_for
+from bench.pegasus import Ws, paced_latencies, publish_for
 
 ANSWER = json.dumps({"messages": [{"id": "1", "duplicate": False}]}).encode()
 
@@ -43,7 +42,6 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-CONFIRM = json.dumps({"op": "published", "corr": "0", "messages": [{"id": "1", "duplicate": False}]})
 _consumers: list[Send] = []
 
 
@@ -62,7 +60,8 @@ async def application(scope: dict[str, Any], receive: Receive, send: Send) -> No
 
 
 async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-    """/consumer: receives every frame sent to /publisher, which gets a confirm for each."""
+    """/consumer: gets every message published on /publisher, framed as Pegasus pushes it; the
+    publisher gets a `published` confirm for each publish frame."""
     await receive()  # websocket.connect
     await send({"type": "websocket.accept"})
     consumer = scope["path"] == "/consumer"
@@ -70,47 +69,25 @@ async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         _consumers.append(send)
     try:
         while (event := await receive())["type"] == "websocket.receive":
-            if not consumer:
-                for deliver in _consumers:
-                    await deliver({"type": "websocket.send", "text": event["text"]})
-                await send({"type": "websocket.send", "text": CONFIRM})
+            if consumer:
+                continue
+            frame = json.loads(event["text"])
+            pushed = json.dumps({"op": "message", "sub": "l", "message": frame["messages"][0]})
+            for deliver in _consumers:
+                await deliver({"type": "websocket.send", "text": pushed})
+            confirm = {"op": "published", "corr": frame["corr"], "messages": [{"id": "1", "duplicate": False}]}
+            await send({"type": "websocket.send", "text": json.dumps(confirm)})
     finally:
         if consumer:
             _consumers.remove(send)
 
 
 async def relay_latency(port: int, rate: int, seconds: float) -> list[float]:
-    """The latency stage's loop (bench.pegasus.latency) against the relay: sorted ms."""
-    import websockets
-
-    total = int(rate * seconds)
-    arrivals: list[float] = []
-    options: dict[str, Any] = {"max_size": None, "compression": None, "ping_interval": None}
-    async with (
-        websockets.connect(f"ws://127.0.0.1:{port}/publisher", **options) as pub,
-        websockets.connect(f"ws://127.0.0.1:{port}/consumer", **options) as sub,
-    ):
+    """The latency stage's own loop (bench.pegasus.paced_latencies) against the relay: sorted ms."""
+    async with Ws(f"ws://127.0.0.1:{port}/publisher") as pub, Ws(f"ws://127.0.0.1:{port}/consumer") as sub:
         await asyncio.sleep(0.2)
-
-        async def consume() -> None:
-            while len(arrivals) < total:
-                frame = json.loads(await asyncio.wait_for(sub.recv(), 10))
-                arrivals.append(time.perf_counter() - float(frame["messages"][0]["headers"]["t"]))
-
-        async def confirms() -> None:
-            for _ in range(total):
-                json.loads(await pub.recv())
-
-        async def produce() -> None:
-            start = time.perf_counter()
-            for i in range(total):
-                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-                message = {"body": BODY, "headers": {"t": repr(time.perf_counter())}}
-                frame = {"op": "publish", "corr": str(i), "queue": "ceiling", "messages": [message]}
-                await pub.send(json.dumps(frame, separators=(",", ":")))
-
-        await asyncio.gather(consume(), confirms(), produce())
-    return sorted(a * 1000 for a in arrivals)
+        arrivals, _ = await paced_latencies(pub, sub, "ceiling", rate, seconds)
+    return arrivals
 
 
 async def measure(port: int, clients: int, seconds: float) -> float:

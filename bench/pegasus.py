@@ -30,6 +30,9 @@ class Pegasus:
     def client(self) -> Client:
         return Client("127.0.0.1", self.server.port, self.token)
 
+    def ws(self) -> Ws:
+        return Ws(f"{self.server.ws_base}/ws/v1/?token={self.token}")
+
     async def new_queue(self, prefix: str) -> str:
         name = f"{prefix}-{next(_names)}"
         await self.admin.request("POST", f"{API}/queues", {"name": name}, expect=(201,))
@@ -174,8 +177,8 @@ async def consume_rest(peg: Pegasus, scale: Scale, *, batch: int = 100, ride_ack
 class Ws:
     """One JSON WebSocket connection (docs/API.md, "WebSocket")."""
 
-    def __init__(self, peg: Pegasus) -> None:
-        self.url = f"{peg.server.ws_base}/ws/v1/?token={peg.token}"
+    def __init__(self, url: str) -> None:
+        self.url = url
         self.conn: Any = None
 
     async def __aenter__(self) -> Ws:
@@ -202,7 +205,7 @@ async def ws_publish(peg: Pegasus, scale: Scale, *, size: int = 1, window: int =
     queue = await peg.new_queue("wspub")
     messages = [{"body": BODY} for _ in range(size)]
     confirmed = 0
-    async with Ws(peg) as ws:
+    async with peg.ws() as ws:
         sent = 0
         start = time.perf_counter()
         deadline = start + scale.seconds
@@ -234,7 +237,7 @@ async def consume_ws(peg: Pegasus, scale: Scale, *, prefetch: int = 100) -> Resu
     queue = await peg.new_queue("wsconsume")
     await fill(peg, queue, scale.drain_messages)
     got = 0
-    async with Ws(peg) as ws:
+    async with peg.ws() as ws:
         start = time.perf_counter()
         await ws.send({"op": "subscribe", "id": "c", "queue": queue, "prefetch": prefetch, "ack": "client"})
         pending: list[str] = []
@@ -258,39 +261,51 @@ async def consume_ws(peg: Pegasus, scale: Scale, *, prefetch: int = 100) -> Resu
 
 
 async def latency(peg: Pegasus, scale: Scale) -> Result:
-    """End-to-end latency at a fixed light rate: publish over one WebSocket (the send time in a
-    header), receive pushed over another, latency = arrival - send, same clock."""
+    """End-to-end latency at a fixed light rate: publish over one WebSocket, receive pushed over
+    another (paced_latencies)."""
     queue = await peg.new_queue("latency")
-    rate, secs = scale.latency_rate, scale.latency_seconds
-    total = int(rate * secs)
-    arrivals: list[float] = []
-    async with Ws(peg) as pub, Ws(peg) as sub:
+    async with peg.ws() as pub, peg.ws() as sub:
         await sub.send({"op": "subscribe", "id": "l", "queue": queue, "prefetch": 100, "ack": "auto"})
         await asyncio.sleep(0.2)
+        ms, confirm_ms = await paced_latencies(pub, sub, queue, scale.latency_rate, scale.latency_seconds)
+    extra = {
+        "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "max_ms": ms[-1], "rate": scale.latency_rate,
+        "confirm_p50_ms": percentile(confirm_ms, 50),
+    }  # fmt: skip
+    return Result(f"end-to-end latency at {scale.latency_rate} msg/s", "pegasus", len(ms), scale.latency_seconds, extra)
 
-        async def consume() -> None:
-            while len(arrivals) < total:
-                frame = await asyncio.wait_for(sub.recv(), 10)
-                if frame.get("op") == "message":
-                    sent = float(frame["message"]["headers"]["t"])
-                    arrivals.append(time.perf_counter() - sent)
 
-        async def confirms() -> None:
-            for _ in range(total):
-                while (await pub.recv()).get("op") != "published":
-                    pass
+async def paced_latencies(pub: Ws, sub: Ws, queue: str, rate: int, secs: float) -> tuple[list[float], list[float]]:
+    """Publish one message at a time at `rate` for `secs` over `pub` (the send time in a
+    header); return the sorted ms from each send to its push on `sub`, and to its `published`
+    confirm on `pub`. Same clock for all. bench.daphne_ceiling runs this against a bare relay."""
+    total = int(rate * secs)
+    sent: list[float] = []
+    arrivals: list[float] = []
+    confirms: list[float] = []
 
-        async def produce() -> None:
-            start = time.perf_counter()
-            for i in range(total):
-                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-                message = {"body": BODY, "headers": {"t": repr(time.perf_counter())}}
-                await pub.send({"op": "publish", "corr": str(i), "queue": queue, "messages": [message]})
+    async def consume() -> None:
+        while len(arrivals) < total:
+            frame = await asyncio.wait_for(sub.recv(), 10)
+            if frame.get("op") == "message":
+                arrivals.append(time.perf_counter() - float(frame["message"]["headers"]["t"]))
 
-        await asyncio.gather(consume(), confirms(), produce())
-    ms = sorted(a * 1000 for a in arrivals)
-    extra = {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "max_ms": ms[-1], "rate": rate}
-    return Result(f"end-to-end latency at {rate} msg/s", "pegasus", len(ms), secs, extra)
+    async def confirmed() -> None:
+        while len(confirms) < total:
+            frame = await pub.recv()
+            if frame.get("op") == "published":
+                confirms.append(time.perf_counter() - sent[int(frame["corr"])])
+
+    async def produce() -> None:
+        start = time.perf_counter()
+        for i in range(total):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            sent.append(time.perf_counter())
+            message = {"body": BODY, "headers": {"t": repr(sent[-1])}}
+            await pub.send({"op": "publish", "corr": str(i), "queue": queue, "messages": [message]})
+
+    await asyncio.gather(consume(), confirmed(), produce())
+    return sorted(a * 1000 for a in arrivals), sorted(c * 1000 for c in confirms)
 
 
 # --------------------------------------------------------------------------- backlog

@@ -20,6 +20,7 @@ def settled() -> Iterator[None]:
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+        gc.enable()
 
 
 class _Node:
@@ -32,10 +33,13 @@ def test_settle__freezes_what_start_up_left_and_raises_the_young_threshold(settl
     assert gc.get_threshold()[0] == YOUNG_THRESHOLD
 
 
-def test_settle__garbage_made_afterwards_is_still_collected(settled: None):
-    """A request's reference cycles are still freed: only what existed at start-up is frozen."""
+def test_settle__garbage_made_afterwards_is_still_collected_on_its_own(settled: None):
+    """A request's reference cycles are still freed, without anyone calling gc.collect(): only
+    what existed at start-up is frozen, and the collector still runs."""
+    assert gc.isenabled()
     node = _Node()
     alive = weakref.ref(node)
     del node
-    gc.collect()
+    kept: list[list[int]] = [[] for _ in range(2 * YOUNG_THRESHOLD)]  # allocations enough for a young collection
     assert alive() is None
+    assert len(kept) == 2 * YOUNG_THRESHOLD
