@@ -34,6 +34,8 @@ from messaging.models import Delivery, State, TransientDelivery
 # type, no headers, no delay, no TTL, routed to every unfiltered target): unpacking a field costs
 # PostgreSQL a conversion per row, and leaving them out took json_to_recordset from 10 to 4 ms
 # for 2,000 messages, a seventh of the statement (docs/performance.md).
+# The statement is prepared, and runs on its generic plan: parsing and planning it took ~0.5 ms
+# of PostgreSQL's time per call, half of a one-message round (docs/performance.md, item 23).
 _PUBLISH_SQL = """
 WITH r AS (
   SELECT * FROM ROWS FROM (
@@ -189,7 +191,7 @@ def insert_messages(
     }  # fmt: skip
     if not leasing:
         with server_cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(sql, params, prepare=True)
             pks = [row[0] for row in cursor.fetchall()]
         return Inserted(pks, routed, [], set())
     assert lease is not None
@@ -198,7 +200,7 @@ def insert_messages(
         lease_queues=lease.queues,
     )  # fmt: skip
     with server_cursor() as cursor:
-        cursor.execute(sql, params, binary=True)  # binary: expires_at (see server_cursor)
+        cursor.execute(sql, params, binary=True, prepare=True)  # binary: expires_at (see server_cursor)
         rows = cursor.fetchall()
     pks = [row[1] for row in rows if row[0] == 0]
     index_of = {pk: i for i, pk in enumerate(pks)}
@@ -216,8 +218,8 @@ def server_cursor() -> Iterator[psycopg.Cursor[Any]]:
     """A server-side-binding cursor on Django's connection (inside its transaction). Django's own
     cursors bind on the client: they quote every element of these 100-element arrays into the
     SQL text in Python, a tenth of a publish's CPU. Here parameters travel apart from the SQL.
-    Statements are not prepared (Django sets prepare_threshold None; preparing the publish,
-    claim and ack statements showed no gain beyond noise in bench.db_floor). Errors come out
+    A statement is prepared where its execute says `prepare=True` (pegasus_site/settings.py
+    makes that work, and runs prepared statements on their generic plan). Errors come out
     as Django's (OperationalError: 503 with Retry-After), and a broken connection is dropped,
     exactly as from Django's cursors."""
     connection.ensure_connection()
