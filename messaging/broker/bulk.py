@@ -303,6 +303,8 @@ def claim(
     )  # fmt: skip
     params = {"queue": queue_id, "now": now, "limit": limit, "deadline": deadline, "token": token}
     with server_cursor() as cursor:
+        # Not prepared: its generic plan ran 0.35 ms slower than the plan made for the call,
+        # which is what planning costs (receive of 100, server log; docs/performance.md item 23).
         cursor.execute(sql, params, binary=True)
         rows = cursor.fetchall()
     if rows and rows[0][0] == -1:
@@ -340,7 +342,7 @@ def ack(
         "now": now, "retain_until": retain_until,
     }  # fmt: skip
     with server_cursor() as cursor:
-        cursor.execute(sql, params, binary=True)
+        cursor.execute(sql, params, binary=True, prepare=True)  # planning was a third of a small ack
         return cursor.fetchall()
 
 

@@ -1,4 +1,4 @@
-"""The publish statements are prepared once per connection and run on their generic plan.
+"""The publish and ack statements are prepared once per connection and run on their generic plan.
 
 Planning the publish statement at every call took ~0.5 ms of PostgreSQL's time out of a latency
 round of ~1 ms (docs/performance.md, item 23). Django leaves psycopg's prepare_threshold at None,
@@ -35,7 +35,16 @@ def _prepared_publishes() -> list[tuple[bool, int, int]]:
         return list(cursor.fetchall())
 
 
-def test_publish_statements_are_prepared_once_and_never_planned_again():
+def _prepared(start: str) -> list[tuple[int, int]]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE ltrim(statement, E' \\n') LIKE %s",
+            [start + "%"],
+        )
+        return list(cursor.fetchall())
+
+
+def test_publish_and_ack_statements_are_prepared_once_and_never_planned_again():
     queue, _ = broker.create_queue(name="prepared")
     for i in range(3):
         broker.publish(queue=queue, messages=[broker.OutgoingMessage(body=f"plain {i}")])
@@ -50,6 +59,10 @@ def test_publish_statements_are_prepared_once_and_never_planned_again():
     assert _prepared_publishes() == [(False, 3, 0), (True, 3, 0)]
     leased = broker.receive(queue=queue, max_messages=10)
     assert sorted(m.body for m in leased) == ["plain 0", "plain 1", "plain 2"]  # the others are leased
+    for m in leased:
+        assert broker.ack(receipts=[m.receipt]) == ["ok"]
+    assert _prepared("WITH held AS") == [(3, 0)]
+    assert _prepared("WITH gate AS") == []  # the claim is planned for each call (bulk.claim says why)
 
 
 def test_pegasus_db_prepare_0_turns_preparing_off():
