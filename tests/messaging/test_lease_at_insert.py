@@ -120,6 +120,44 @@ async def test_it_leases_what_the_prefetch_leaves_room_for_in_claim_order(queue_
         assert [m.body for m in pushed[10:]] == ["9", "10"]
 
 
+@contextlib.contextmanager
+def notifications() -> Any:
+    """The payloads of every notification on events.CHANNEL while the block runs (and shortly
+    after: PostgreSQL delivers them when the publishing transaction commits)."""
+    import psycopg
+
+    from messaging import events
+    from messaging.listener import conninfo_for
+
+    received: list[str] = []
+    with psycopg.connect(conninfo_for(), autocommit=True) as listening:
+        listening.execute(f"LISTEN {events.CHANNEL}")
+        yield received
+        time.sleep(0.2)
+        received += [n.payload for n in listening.notifies(timeout=0.2)]
+
+
+async def test_a_publish_leased_whole_at_insert_notifies_no_other_process(queue_factory: Any):
+    """Deliveries leased at insert are nobody else's: other processes' consumers are told of a
+    queue only when the publish leaves something ready in it."""
+    queue = await in_thread(queue_factory)("lai")
+    async with waiting_pusher(queue) as (pusher, pushed):  # prefetch 10
+        with notifications() as heard:
+            await in_thread(publish)(queue, broker.OutgoingMessage(body="leased"))
+            await until(lambda: len(pushed) == 1)
+        assert heard == []
+        await in_thread(broker.ack)(receipts=[pushed[0].receipt])
+        pusher.settled([pushed[0].receipt])
+        await until(lambda: queue.pk in push._TAKEABLE)
+        with notifications() as heard:  # 10 leased, 2 left ready
+            await in_thread(publish)(queue, *(broker.OutgoingMessage(body=str(i)) for i in range(12)))
+            await until(lambda: len(pushed) == 11)
+        assert heard == [str(queue.pk)]
+    with notifications() as heard:  # nobody waiting: all ready
+        await in_thread(publish)(queue, broker.OutgoingMessage(body="ready"))
+    assert heard == [str(queue.pk)]
+
+
 async def test_delayed_messages_paused_queues_and_filters_are_left_to_claims(queue_factory: Any, claims: Any):
     queue = await in_thread(queue_factory)("lai")
     async with waiting_pusher(queue) as (_, pushed):
