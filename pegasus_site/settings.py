@@ -114,7 +114,8 @@ else:
     _options = _db.setdefault("OPTIONS", {})  # what the URL's query string gave (sslmode=...) stays
     if env_flag("PEGASUS_DB_PREPARE", True):
         # Prepared statements, for the statements that ask for one (messaging/broker/bulk.py:
-        # the publish, ~0.5 ms of parsing and planning saved per round). Django leaves psycopg's
+        # the publish and the ack; ~0.5 ms of parsing and planning saved per publish round,
+        # docs/performance.md item 23). Django leaves psycopg's
         # prepare_threshold at None, which refuses even an explicit prepare=True; a threshold
         # out of reach keeps automatic preparation off (Django's own cursors bind on the client
         # and never prepare). A prepared statement is still planned at every execution unless
