@@ -25,6 +25,10 @@ pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# The counts below start at zero in every test: psycopg deallocates a connection's prepared
+# statements when it rolls back, and every test here ends in a rollback.
+
+
 def _prepared_publishes() -> list[tuple[bool, int, int]]:
     """(leasing?, generic plans, custom plans) of each prepared publish statement."""
     with connection.cursor() as cursor:
