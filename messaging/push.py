@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from messaging import broker
+from messaging.broker.common import in_one_statement
 from messaging.broker.delivery import Authorize
 from messaging.doorbell import Listener, doorbell
 from messaging.models import Queue
@@ -431,8 +432,9 @@ def take_waiting(queue_ids: Iterable[int]) -> dict[int, tuple[Pusher, int]]:
     """Inside a transaction that is about to insert messages for these queues (any thread):
     take one waiting pusher with room for each, for the insert to lease messages to
     (broker.publishing). Returns {queue pk: (pusher, room)}. Every pusher taken must be given
-    `hand_over` or `give_back` in this transaction."""
-    if not _may_take():
+    `hand_over` or `give_back` in this transaction. The transaction may be the insert alone
+    (broker.common.one_statement): it commits when the statement returns."""
+    if not _may_take(lease_at_insert=True):
         return {}
     taken: dict[int, tuple[Pusher, int]] = {}
     with _TAKEABLE_LOCK:
@@ -445,6 +447,21 @@ def take_waiting(queue_ids: Iterable[int]) -> dict[int, tuple[Pusher, int]]:
                 _take(qid, pusher)
                 taken[qid] = (pusher, room)
     return taken
+
+
+def waits_behind(*, queue: Queue | None, topic: Any) -> bool:
+    """Does a pusher of this process wait, behind (see Pusher.behind), on the queue or on a
+    subscription of the topic? A publish there needs a transaction its hand-off can claim in."""
+    if not _TAKEABLE:
+        return False
+    with _TAKEABLE_LOCK:
+        return any(
+            pusher.behind()
+            for waiting in _TAKEABLE.values()
+            for pusher in waiting
+            if (queue is not None and pusher.queue.pk == queue.pk)
+            or (topic is not None and pusher.queue.topic_id == topic.pk)
+        )
 
 
 def hand_over(pusher: Pusher, messages: list[broker.ReceivedMessage], *, filled: bool) -> None:
@@ -463,10 +480,14 @@ def give_back(pushers: Iterable[Pusher]) -> None:
         pusher._loop.call_soon_threadsafe(_settle, pusher._handed, None)
 
 
-def _may_take() -> bool:
+def _may_take(*, lease_at_insert: bool = False) -> bool:
     """Can this thread take a waiting pusher? Only inside a transaction (its commit pushes), and
-    not in a pusher's own claim."""
-    return bool(_TAKEABLE) and not getattr(_claiming, "active", False) and connection.in_atomic_block
+    not in a pusher's own claim. For a lease at insert the transaction may be the insert's own
+    statement (one_statement); a hand-off's claim is a statement of its own, so it needs one
+    the publish is part of."""
+    if not _TAKEABLE or getattr(_claiming, "active", False):
+        return False
+    return connection.in_atomic_block or (lease_at_insert and in_one_statement())
 
 
 def _longest_waiting(queue_id: int) -> Pusher | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +55,34 @@ def atomic() -> Iterator[None]:
         yield
         if connection.needs_rollback or connection.closed_in_transaction:
             raise OperationalError("The database connection failed inside the transaction; nothing was done.")
+
+
+_one_statement = threading.local()
+
+
+@contextmanager
+def one_statement() -> Iterator[None]:
+    """In place of atomic() around work that writes with exactly ONE statement (a plain publish
+    to one store on PostgreSQL: broker/bulk.py insert_messages), outside any transaction. The
+    statement runs in autocommit, which makes it its own transaction: PostgreSQL commits it
+    (and flushes the WAL) before it answers, one round trip instead of three (BEGIN, the
+    statement, COMMIT: docs/performance.md item 25). An error means nothing was written.
+
+    Whoever enters it must make sure that the work is that one statement (reads before it are
+    fine: under READ COMMITTED each statement of a transaction sees its own snapshot anyway),
+    and that every on_commit callback is registered after it: with no transaction open, Django
+    runs them at once."""
+    assert not connection.in_atomic_block and connection.get_autocommit()
+    _one_statement.active = True
+    try:
+        yield
+    finally:
+        _one_statement.active = False
+
+
+def in_one_statement() -> bool:
+    """Inside one_statement() on this thread: its statement is the transaction."""
+    return getattr(_one_statement, "active", False)
 
 
 # --------------------------------------------------------------------------- stores

@@ -5,11 +5,12 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
 from messaging import clock, conf, events, filters, metrics
 from messaging.broker import bulk, destinations
@@ -24,6 +25,7 @@ from messaging.broker.common import (
     _lock_transaction,
     _touch,
     atomic,
+    one_statement,
     store_for,
     validate_message,
 )
@@ -62,7 +64,7 @@ def publish(
     """
     request = PublishRequest(queue=queue, topic=topic, messages=messages, transaction_id=transaction_id, user=user)
     check_publish(request)
-    with atomic():
+    with _transaction_for(request):
         return _publish_checked(request)
 
 
@@ -124,15 +126,19 @@ def _publish_group(
         queue, topic, preassigned = requests[i].queue, requests[i].topic, requests[i].ids is not None
         key = ("queue", queue.pk, preassigned) if queue is not None else ("topic", topic.pk, preassigned)  # type: ignore[union-attr]
         by_destination.setdefault(key, []).append(i)
+    merged: list[tuple[list[int], PublishRequest]] = []
+    for indexes in by_destination.values():
+        first = requests[indexes[0]]
+        batch = [msg for i in indexes for msg in requests[i].messages]
+        ids = None if first.ids is None else [pk for i in indexes for pk in requests[i].ids]  # type: ignore[union-attr]
+        merged.append((indexes, PublishRequest(queue=first.queue, topic=first.topic, messages=batch, ids=ids)))
+    # All to one destination, and one statement: that statement is the transaction.
+    one = len(merged) == 1 and _commits_alone(merged[0][1])
     body_done = False
     try:
-        with atomic():
-            for indexes in by_destination.values():
-                first = requests[indexes[0]]
-                batch = [msg for i in indexes for msg in requests[i].messages]
-                ids = None if first.ids is None else [pk for i in indexes for pk in requests[i].ids]  # type: ignore[union-attr]
-                merged = PublishRequest(queue=first.queue, topic=first.topic, messages=batch, ids=ids)
-                results = _publish_checked(merged)
+        with one_statement() if one else atomic():
+            for indexes, request in merged:
+                results = _publish_checked(request)
                 start = 0
                 for i in indexes:
                     end = start + len(requests[i].messages)
@@ -140,7 +146,9 @@ def _publish_group(
                     start = end
             body_done = True
     except Exception as exc:
-        if body_done:  # the COMMIT itself failed: the outcome is unknown, so nothing is retried
+        if body_done or (one and not _nothing_written(exc)):
+            # The COMMIT itself failed (or, for one statement, the connection did, or a failure
+            # came after it): the outcome is unknown, so nothing is retried.
             for i in grouped:
                 outcomes[i] = exc
             return
@@ -150,10 +158,41 @@ def _publish_group(
 
 def _publish_alone(request: PublishRequest) -> list[PublishResult] | Exception:
     try:
-        with atomic():
+        with _transaction_for(request):
             return _publish_checked(request)
     except (BrokerError, DatabaseError) as exc:
         return exc
+
+
+def _transaction_for(request: PublishRequest) -> AbstractContextManager[None]:
+    """The transaction a publish runs in by itself."""
+    return one_statement() if _commits_alone(request) else atomic()
+
+
+def _commits_alone(request: PublishRequest) -> bool:
+    """May the publish be its one statement's transaction (broker.common.one_statement)? Yes
+    for a plain publish of one store's messages on PostgreSQL (_publish_bulk), unless a push
+    consumer of this process waiting on the destination is behind: its messages must be
+    claimed by a hand-off in the publish's transaction (messaging/push.py, Pusher.behind)."""
+    from messaging import push
+
+    return (
+        request.transaction_id is None
+        and connection.vendor == "postgresql"
+        and not connection.in_atomic_block
+        and all(msg.dedup_id is None for msg in request.messages)
+        and len({msg.durable for msg in request.messages}) == 1
+        and not push.waits_behind(queue=request.queue, topic=request.topic)
+    )
+
+
+def _nothing_written(exc: Exception) -> bool:
+    """Did a one_statement() publish that raised `exc` write nothing? Yes when it was refused
+    before its statement, or the server refused the statement (which rolled it back). Not
+    known when the connection failed under it."""
+    if isinstance(exc, BrokerError):
+        return True
+    return isinstance(exc, DatabaseError) and not isinstance(exc, (OperationalError, InterfaceError))
 
 
 def check_publish(request: PublishRequest) -> None:
@@ -177,7 +216,8 @@ def check_publish(request: PublishRequest) -> None:
 
 
 def _publish_checked(request: PublishRequest) -> list[PublishResult]:
-    """The database part of a publish. Should be called inside atomic()."""
+    """The database part of a publish. Should be called inside atomic() (or one_statement(), see
+    _transaction_for)."""
     queue, topic, messages, transaction_id = request.queue, request.topic, request.messages, request.transaction_id
     limits = conf.get()
     window = queue.dedup_window_seconds if queue is not None else limits.default_dedup_window_seconds

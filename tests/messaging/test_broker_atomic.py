@@ -61,11 +61,14 @@ def test_publish__a_doomed_transaction_is_an_error_not_a_confirmation(queue_fact
         return set()
 
     monkeypatch.setattr(push, "hand_off", doomed_hand_off)  # events.notify_on_commit calls it
+    # A dedup id: the publish runs in atomic() (a plain one is a statement of its own on
+    # PostgreSQL, committed before any hand-off: tests/messaging/test_one_statement.py).
     with pytest.raises(OperationalError):
-        broker.publish(queue=queue, messages=[broker.OutgoingMessage(body="x")])
+        broker.publish(queue=queue, messages=[broker.OutgoingMessage(body="x", dedup_id="d")])
     assert not Delivery.objects.exists()
     # The group-commit path answers each publish of the round with the error, too.
-    request = broker.PublishRequest(queue=queue, topic=None, messages=[broker.OutgoingMessage(body="y")], user=None)
+    message = broker.OutgoingMessage(body="y", dedup_id="e")
+    request = broker.PublishRequest(queue=queue, topic=None, messages=[message], user=None)
     outcomes = broker.publish_many(requests=[request, request])
     assert all(isinstance(o, OperationalError) for o in outcomes), outcomes
     assert not Delivery.objects.exists()
