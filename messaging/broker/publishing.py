@@ -180,6 +180,7 @@ def _commits_alone(request: PublishRequest) -> bool:
         request.transaction_id is None
         and connection.vendor == "postgresql"
         and not connection.in_atomic_block
+        and connection.get_autocommit()
         and all(msg.dedup_id is None for msg in request.messages)
         and len({msg.durable for msg in request.messages}) == 1
         and not push.waits_behind(queue=request.queue, topic=request.topic)
