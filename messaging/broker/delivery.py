@@ -26,6 +26,7 @@ from messaging.broker.common import (
     _positive,
     _touch,
     atomic,
+    one_statement,
 )
 from messaging.exceptions import (
     BatchTooLarge,
@@ -435,8 +436,23 @@ def ack(
     ACK_RETENTION_SECONDS). Inside a transaction the message stays leased to the transaction
     until commit (acked) or rollback (redelivered).
     """
-    with atomic():
+    with one_statement() if _ack_commits_alone(receipts, transaction_id, authorize) else atomic():
         return _ack_locked(receipts, transaction_id, user, authorize)
+
+
+def _ack_commits_alone(receipts: Sequence[str], transaction_id: str | None, authorize: Authorize | None) -> bool:
+    """May the ack be its one statement's transaction (broker.common.one_statement)? Yes on
+    PostgreSQL for receipts of one store (bulk.ack, one statement a store), outside a messaging
+    transaction, with nothing to authorize: the queues' check comes after the statement, and a
+    refusal must undo it."""
+    return (
+        transaction_id is None
+        and (authorize is None or authorize is ANY_QUEUE)
+        and connection.vendor == "postgresql"
+        and not connection.in_atomic_block
+        and connection.get_autocommit()
+        and len({p[0] for p in map(_parse_receipt, receipts) if p is not None}) <= 1
+    )
 
 
 def _ack_locked(

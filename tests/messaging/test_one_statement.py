@@ -14,6 +14,7 @@ from django.db import IntegrityError, OperationalError, connection
 
 from messaging import broker, queries
 from messaging.broker import bulk
+from messaging.exceptions import PermissionDenied
 from messaging.models import Message, Queue, TransientMessage
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
@@ -159,3 +160,42 @@ def test_a_round_whose_connection_failed_under_it_is_not_retried(queue_factory: 
     outcomes = broker.publish_many(requests=_requests(queue, "a", "b"))
     assert all(isinstance(o, OperationalError) for o in outcomes), outcomes
     assert committed_bodies(Message) == ["a", "b"]  # once each
+
+
+@pytest.fixture
+def after_ack(monkeypatch: Any) -> list[Any]:
+    """The connection's transaction status right after each bulk.ack (see after_insert)."""
+    seen: list[Any] = []
+    real = bulk.ack
+
+    def recorded(**kwargs: Any) -> Any:
+        rows = real(**kwargs)
+        seen.append(connection.connection.info.transaction_status)
+        return rows
+
+    monkeypatch.setattr(bulk, "ack", recorded)
+    return seen
+
+
+def test_a_plain_ack_commits_with_its_statement(queue_factory: Any, after_ack: list[Any]):
+    queue = queue_factory("q")
+    broker.publish(queue=queue, messages=[broker.OutgoingMessage(body=b) for b in "ab"])
+    received = broker.receive(queue=queue, max_messages=2)
+    assert broker.ack(receipts=[m.receipt for m in received]) == ["ok", "ok"]
+    assert broker.ack(receipts=[received[0].receipt], authorize=broker.ANY_QUEUE) == ["ok"]  # a repeat
+    assert after_ack == [IDLE, IDLE]
+    assert queries.queue_stats(queue)["in_flight"] == 0 and broker.receive(queue=queue) == []
+
+
+def test_an_ack_to_authorize_or_of_both_stores_keeps_its_transaction(queue_factory: Any, after_ack: list[Any]):
+    """The queues' check comes after the ack statement: a refusal must undo it."""
+    queue = queue_factory("q")
+    broker.publish(queue=queue, messages=[broker.OutgoingMessage(body="a")])
+    broker.publish(queue=queue, messages=[broker.OutgoingMessage(body="b", durable=False)])
+    durable, transient = broker.receive(queue=queue, max_messages=2)
+    with pytest.raises(PermissionDenied):
+        broker.ack(receipts=[durable.receipt], authorize=lambda q: False)
+    assert queries.queue_stats(queue)["in_flight"] == 2
+    assert broker.ack(receipts=[durable.receipt, transient.receipt]) == ["ok", "ok"]
+    assert after_ack and all(status != IDLE for status in after_ack)
+    assert queries.queue_stats(queue)["in_flight"] == 0
