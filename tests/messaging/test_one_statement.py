@@ -22,20 +22,29 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
-@pytest.fixture
-def after_insert(monkeypatch: Any) -> list[Any]:
-    """The connection's transaction status right after each bulk.insert_messages: IDLE means
-    the statement was its own transaction and has committed."""
+def status_after(monkeypatch: Any, statement: str) -> list[Any]:
+    """The connection's transaction status right after each call of bulk.`statement`: IDLE
+    means the statement was its own transaction and has committed."""
     seen: list[Any] = []
-    real = bulk.insert_messages
+    real = getattr(bulk, statement)
 
     def recorded(**kwargs: Any) -> Any:
-        inserted = real(**kwargs)
+        result = real(**kwargs)
         seen.append(connection.connection.info.transaction_status)
-        return inserted
+        return result
 
-    monkeypatch.setattr(bulk, "insert_messages", recorded)
+    monkeypatch.setattr(bulk, statement, recorded)
     return seen
+
+
+@pytest.fixture
+def after_insert(monkeypatch: Any) -> list[Any]:
+    return status_after(monkeypatch, "insert_messages")
+
+
+@pytest.fixture
+def after_ack(monkeypatch: Any) -> list[Any]:
+    return status_after(monkeypatch, "ack")
 
 
 def committed_bodies(model: Any = Message) -> list[str]:
@@ -160,21 +169,6 @@ def test_a_round_whose_connection_failed_under_it_is_not_retried(queue_factory: 
     outcomes = broker.publish_many(requests=_requests(queue, "a", "b"))
     assert all(isinstance(o, OperationalError) for o in outcomes), outcomes
     assert committed_bodies(Message) == ["a", "b"]  # once each
-
-
-@pytest.fixture
-def after_ack(monkeypatch: Any) -> list[Any]:
-    """The connection's transaction status right after each bulk.ack (see after_insert)."""
-    seen: list[Any] = []
-    real = bulk.ack
-
-    def recorded(**kwargs: Any) -> Any:
-        rows = real(**kwargs)
-        seen.append(connection.connection.info.transaction_status)
-        return rows
-
-    monkeypatch.setattr(bulk, "ack", recorded)
-    return seen
 
 
 def test_a_plain_ack_commits_with_its_statement(queue_factory: Any, after_ack: list[Any]):
