@@ -1,8 +1,9 @@
 """THE CORE: the broker service layer. every delivery rule of Pegasus lives here (docs/API.md, "Concepts").
 
 Each public function is one synchronous operation that owns its database transaction and takes
-keyword-only arguments. REST, WebSocket, STOMP, the console, bridges and commands call these and
-nothing else writes messages or delivery state.
+keyword-only arguments. (A plain publish or ack on PostgreSQL is a single statement, which is
+its own transaction in autocommit: common.one_statement.) REST, WebSocket, STOMP, the console,
+bridges and commands call these and nothing else writes messages or delivery state.
 
 Time-based rules need no daemon: lease expiry, delays and TTL are decided at query time inside
 `receive`; housekeeping (idle transactions, expired non-durable subscriptions, acked rows, old
