@@ -66,18 +66,25 @@ def one_statement() -> Iterator[None]:
     to one store on PostgreSQL: broker/bulk.py insert_messages), outside any transaction. The
     statement runs in autocommit, which makes it its own transaction: PostgreSQL commits it
     (and flushes the WAL) before it answers, one round trip instead of three (BEGIN, the
-    statement, COMMIT: docs/performance.md item 25). An error means nothing was written.
+    statement, COMMIT: docs/performance.md item 25). An error the server reports means
+    nothing was written; a connection lost under the statement leaves that unknown.
 
     Whoever enters it must make sure that the work is that one statement (reads before it are
     fine: under READ COMMITTED each statement of a transaction sees its own snapshot anyway),
     and that every on_commit callback is registered after it: with no transaction open, Django
     runs them at once."""
-    assert not connection.in_atomic_block and connection.get_autocommit()
+    assert may_be_one_statement()
     _one_statement.active = True
     try:
         yield
     finally:
         _one_statement.active = False
+
+
+def may_be_one_statement() -> bool:
+    """Could work on this connection run as one_statement() now: PostgreSQL, in autocommit, and
+    no transaction open? (The caller still decides whether its work is one statement.)"""
+    return connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit()
 
 
 def in_one_statement() -> bool:

@@ -25,6 +25,7 @@ from messaging.broker.common import (
     _lock_transaction,
     _touch,
     atomic,
+    may_be_one_statement,
     one_statement,
     store_for,
     validate_message,
@@ -178,9 +179,7 @@ def _commits_alone(request: PublishRequest) -> bool:
 
     return (
         request.transaction_id is None
-        and connection.vendor == "postgresql"
-        and not connection.in_atomic_block
-        and connection.get_autocommit()
+        and may_be_one_statement()
         and all(msg.dedup_id is None for msg in request.messages)
         and len({msg.durable for msg in request.messages}) == 1
         and not push.waits_behind(queue=request.queue, topic=request.topic)

@@ -13,7 +13,7 @@ import pytest
 from django.db import IntegrityError, OperationalError, connection
 
 from messaging import broker, queries
-from messaging.broker import bulk
+from messaging.broker import bulk, publishing
 from messaging.exceptions import PermissionDenied
 from messaging.models import Message, Queue, TransientMessage
 
@@ -96,10 +96,19 @@ def test_a_topic_publish_to_many_subscriptions_is_one_statement_too(after_insert
     ],
 )
 def test_a_publish_of_more_than_one_statement_keeps_its_transaction(
-    queue_factory: Any, after_insert: list[Any], messages: list[broker.OutgoingMessage]
+    queue_factory: Any, after_insert: list[Any], messages: list[broker.OutgoingMessage], monkeypatch: Any
 ):
     queue = queue_factory("q")
+    in_transaction: list[bool] = []
+    real = publishing._publish_checked
+
+    def recorded(request: Any) -> Any:
+        in_transaction.append(connection.in_atomic_block)
+        return real(request)
+
+    monkeypatch.setattr(publishing, "_publish_checked", recorded)
     broker.publish(queue=queue, messages=messages)
+    assert in_transaction == [True]  # atomic(), not one_statement()
     # The both-stores publish inserts twice inside one transaction (the dedup one takes the
     # ORM path and never calls insert_messages).
     assert all(status != IDLE for status in after_insert)
