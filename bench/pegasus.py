@@ -49,7 +49,7 @@ class Pegasus:
         return name, subs
 
 
-def _batch(size: int, *, durable: bool = True) -> dict[str, Any]:
+def batch_payload(size: int, *, durable: bool = True) -> dict[str, Any]:
     return {"messages": [{"body": BODY, "durable": durable} for _ in range(size)]}
 
 
@@ -87,14 +87,16 @@ async def publish_batch(
 ) -> Result:
     queue = await peg.new_queue("batch")
     path = f"{API}/queues/{queue}/messages"
-    n, secs = await publish_for(peg.client, path, _batch(size, durable=durable), size, clients, scale.seconds)
+    n, secs = await publish_for(peg.client, path, batch_payload(size, durable=durable), size, clients, scale.seconds)
     name = f"{'durable' if durable else 'non-durable'} publish, batch {size}"
     return Result(name, "pegasus", n, secs, {"clients": clients, "batch": size, "interface": "REST"})
 
 
 async def fan_out(peg: Pegasus, scale: Scale, *, subscriptions: int = 10, clients: int = 1) -> Result:
     topic, _ = await peg.new_topic("fanout", subscriptions)
-    n, secs = await publish_for(peg.client, f"{API}/topics/{topic}/messages", _batch(100), 100, clients, scale.seconds)
+    n, secs = await publish_for(
+        peg.client, f"{API}/topics/{topic}/messages", batch_payload(100), 100, clients, scale.seconds
+    )
     extra = {
         "subscriptions": subscriptions,
         "batch": 100,
@@ -112,7 +114,7 @@ async def fill(peg: Pegasus, queue: str, count: int, *, clients: int = 2, size: 
     async def worker() -> None:
         client = peg.client()
         for n in todo:
-            await client.request("POST", f"{API}/queues/{queue}/messages", _batch(n), expect=(201,))
+            await client.request("POST", f"{API}/queues/{queue}/messages", batch_payload(n), expect=(201,))
         await client.close()
 
     start = time.perf_counter()
@@ -320,7 +322,7 @@ async def backlog(peg: Pegasus, scale: Scale, first_stage_rate: float | None) ->
     "durable publish, batch 100" stage ran minutes earlier, on a machine whose speed drifts
     by tens of percent in that time (its ratio is kept as ratio_to_first_stage)."""
     empty = await peg.new_queue("empty")
-    n, secs = await publish_for(peg.client, f"{API}/queues/{empty}/messages", _batch(100), 100, 1, scale.seconds)
+    n, secs = await publish_for(peg.client, f"{API}/queues/{empty}/messages", batch_payload(100), 100, 1, scale.seconds)
     empty_rate = n / secs
     results = [Result(EMPTY_BEFORE_BACKLOG, "pegasus", n, secs, {"rss_mb": peg.server.rss_mb()})]
     queue = await peg.new_queue("backlog")
@@ -331,7 +333,7 @@ async def backlog(peg: Pegasus, scale: Scale, first_stage_rate: float | None) ->
     )
     # The publish stage again, to the backlogged queue itself.
     path = f"{API}/queues/{queue}/messages"
-    n, secs = await publish_for(peg.client, path, _batch(100), 100, 1, scale.seconds)
+    n, secs = await publish_for(peg.client, path, batch_payload(100), 100, 1, scale.seconds)
     extra: dict[str, Any] = {
         "rss_mb": peg.server.rss_mb(), "backlog": scale.backlog, "ratio_to_empty": (n / secs) / empty_rate,
     }  # fmt: skip
