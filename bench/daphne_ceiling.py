@@ -36,7 +36,8 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from bench import baselines
 from bench.common import BODY, Scale, percentile
 from bench.http import Client
 from bench.pegasus import Ws, batch_payload, paced_latencies, publish_for
-from bench.server import bench_url
+from bench.server import bench_url, cpu_seconds
 
 ANSWER = json.dumps({"messages": [{"id": "1", "duplicate": False}]}).encode()
 
@@ -129,6 +130,13 @@ async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
             _consumers.remove(send)
 
 
+def with_cpu_share(pid: int, stage: Coroutine[Any, Any, list[float]]) -> tuple[list[float], float]:
+    """Run `stage`; its result and the share of one core process `pid` used meanwhile."""
+    cpu, wall = cpu_seconds(pid), time.perf_counter()
+    result = asyncio.run(stage)
+    return result, (cpu_seconds(pid) - cpu) / (time.perf_counter() - wall)
+
+
 async def relay_latency(port: int, rate: int, seconds: float, prefix: str = "/") -> list[float]:
     """The latency stage's own loop (bench.pegasus.paced_latencies) against the relay: sorted ms."""
     base = f"ws://127.0.0.1:{port}{prefix}"
@@ -186,11 +194,11 @@ def main() -> None:
     try:
         rate = asyncio.run(measure(port, args.clients, args.seconds))
         scale = Scale.full()
-        latencies = asyncio.run(relay_latency(port, scale.latency_rate, scale.latency_seconds))
+        latencies, relay_cpu = with_cpu_share(proc.pid, relay_latency(port, scale.latency_rate, scale.latency_seconds))
         if durable:
             batch_rate = asyncio.run(measure(port, 1, args.seconds, size=100, prefix=DURABLE))
-            durable_latencies = asyncio.run(
-                relay_latency(port, scale.latency_rate, scale.latency_seconds, prefix=DURABLE)
+            durable_latencies, durable_cpu = with_cpu_share(
+                proc.pid, relay_latency(port, scale.latency_rate, scale.latency_seconds, prefix=DURABLE)
             )
     finally:
         proc.terminate()
@@ -198,14 +206,14 @@ def main() -> None:
     print(f"daphne, bare ASGI app, 1 message per request, {args.clients} clients: {rate:,.0f} requests/s")
     print(
         f"daphne, bare WebSocket relay at {scale.latency_rate} msg/s: p50 {percentile(latencies, 50):.2f} ms,"
-        f" p99 {percentile(latencies, 99):.2f} ms (add bench.db_floor's 1-message publish for the latency floor)"
+        f" p99 {percentile(latencies, 99):.2f} ms, server at {relay_cpu:.0%} of a core"
     )
     if durable:
         print(f"daphne + one committed INSERT per request, batch 100, 1 client: {batch_rate:,.0f} msg/s")
         print(
             f"daphne relay committing each message first, at {scale.latency_rate} msg/s:"
-            f" p50 {percentile(durable_latencies, 50):.2f} ms, p99 {percentile(durable_latencies, 99):.2f} ms"
-            " (the target is a p50 of at most 2 ms)"
+            f" p50 {percentile(durable_latencies, 50):.2f} ms, p99 {percentile(durable_latencies, 99):.2f} ms,"
+            f" server at {durable_cpu:.0%} of a core (the target is a p50 of at most 2 ms)"
         )
     else:
         print("durable floors skipped: run `make bench` first (it leaves the database they write to)")
