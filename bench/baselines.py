@@ -51,6 +51,11 @@ def create_raw_tables() -> None:
         )
 
 
+def truncate_raw_tables() -> None:
+    with psycopg.connect(bench_url()) as conn:
+        _truncate(conn)
+
+
 def _truncate(conn: psycopg.Connection) -> None:
     conn.execute("TRUNCATE bench_delivery, bench_message")
     conn.commit()

@@ -1,56 +1,53 @@
-"""Daphne's own ceiling for one request per message: `python -m bench.daphne_ceiling`.
+"""The floors: the most any broker on daphne and PostgreSQL could do for each target that
+depends on them. `make bench` runs them as its "floor:" stages, after Pegasus's, and the
+report sets each beside the target it bounds; `python -m bench.daphne_ceiling` runs them alone
+(the durable ones after `make bench`, on the database it leaves), with RabbitMQ beside them.
 
-Serves a bare ASGI app with daphne (no Django, no database): every POST is answered 201 with
-the JSON a one-message publish gets. The bench's own HTTP client (bench/http.py) posts one
-256-byte message per request from 8 keep-alive clients for a few seconds, as the
-"durable publish, 1 per request" stage does, and the same run measures RabbitMQ's
-confirm-each rate (when reachable). What daphne does here is the least any request to
-Pegasus costs, so the ratio printed is the most that stage could reach against RabbitMQ on
-this machine before any broker work (docs/performance.md, "Why the remaining targets are not
-met").
+Each serves a bare app with daphne of its own, and the bench's own client loops (bench/http.py,
+bench.pegasus.publish_for and paced_latencies) drive it as they drive Pegasus:
+- "1 per request, 8 clients": the bare ASGI app (`application`) answers every POST 201 with
+  the JSON a one-message publish gets, at once (no commit: daphne's own ceiling), or under
+  /grouped/ after committing the message together with those of the requests that arrived
+  while the last commit was in flight (the least a group commit is; messaging/group_commit.py);
+- "durable batch 100": under /durable/, each request's 100 messages are committed in one
+  statement before the answer (one client);
+- latency at 500 msg/s: the app relays each frame of a /publisher WebSocket to every /consumer
+  and confirms it to the publisher, committing its message first under /durable/; the same
+  relay as a Django Channels consumer (bench/channels_relay.py), the stack Pegasus's live
+  consumers run on.
 
-It then measures the latency stage's path without the broker: the bare app relays each frame
-of a "publisher" WebSocket to a "consumer" WebSocket and confirms it to the publisher, and the
-latency stage's own client loop (bench.pegasus.paced_latencies) times send to arrival. Add the
-database's part (`python -m bench.db_floor`, "durable: broker.publish, 1 message") for the
-least an end-to-end latency through Pegasus can be.
-
-With the database `make bench` leaves behind, it then measures the least a durable broker on
-daphne and PostgreSQL can do for the two targets that depend on a commit (docs/performance.md,
-"Why the remaining targets are not met"): the same bare app, but every publish is first
-committed with one statement on one psycopg connection in autocommit, into copies of Pegasus's
-tables (bench.baselines: the same columns and indexes, a message row and a delivery row per
-message). No Django, no ninja, no pydantic, no authentication, no group commit, no foreign key
-to a queue, no hop to a thread:
-- "durable publish, batch 100": the batch stage's own loop (one client, 100 messages a
-  request, 201 with their ids), against RabbitMQ's transaction per 100 in the same run;
-- the latency stage's loop against the relay, which commits each publish frame's message
-  before it pushes and confirms it.
+A commit is one INSERT statement of a message row and a delivery row per message into copies
+of Pegasus's tables (bench.baselines: the same columns and indexes, the delivery's deferred
+foreign key to its message), in autocommit, on one async psycopg connection on the event loop.
+No Django request path, no ninja, no pydantic, no authentication, no foreign key to a queue, no
+hop to a thread: no broker that writes those rows can do better on this machine
+(docs/performance.md, "Why the remaining targets are not met").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
 
-from bench import baselines
-from bench.common import BODY, Scale, percentile
+from bench import baselines, report
+from bench.common import BODY, Result, Scale, percentile
 from bench.http import Client
 from bench.pegasus import Ws, batch_payload, paced_latencies, publish_for
-from bench.server import bench_url, cpu_seconds
+from bench.server import ROOT, bench_url, cpu_seconds, free_port
 
 ANSWER = json.dumps({"messages": [{"id": "1", "duplicate": False}]}).encode()
 
@@ -62,6 +59,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 # messages and their deliveries in one INSERT statement, its own transaction (autocommit), as a
 # plain publish to Pegasus is (docs/performance.md, item 25).
 DURABLE = "/durable/"
+# Under /grouped/, a one-message publish is committed with those of concurrent requests.
+GROUPED = "/grouped/"
 INSERT_BATCH = f"""
 WITH m AS (
   INSERT INTO bench_message ({baselines.MSG_COLS})
@@ -75,13 +74,58 @@ _consumers: list[Send] = []
 _database: psycopg.AsyncConnection[Any] | None = None
 
 
-async def _commit(bodies: list[str]) -> list[int]:
-    """Insert and commit one message (and its delivery) per body; their ids."""
+async def database() -> psycopg.AsyncConnection[Any]:
+    """The app's one connection, opened on first use (a relay opens it when a client connects,
+    so that the first measured message does not wait for it)."""
     global _database
     if _database is None:
         _database = await psycopg.AsyncConnection.connect(bench_url(), autocommit=True)
-    cursor = await _database.execute(INSERT_BATCH, (bodies,), prepare=True)
+    return _database
+
+
+async def commit(bodies: list[str]) -> list[int]:
+    """Insert and commit one message (and its delivery) per body; their ids."""
+    cursor = await (await database()).execute(INSERT_BATCH, (bodies,), prepare=True)
     return [row[0] for row in await cursor.fetchall()]
+
+
+class GroupCommit:
+    """The least a group commit is: bodies that arrive while a commit is in flight go together
+    in the next one (one statement, one round in flight), as messaging/group_commit.py does."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, asyncio.Future[int]]] = []
+        self._running = False
+        self._task: asyncio.Future[None] | None = None  # kept: the loop holds tasks only weakly
+
+    async def commit(self, body: str) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((body, future))
+        if not self._running:
+            self._running = True
+            self._task = asyncio.ensure_future(self._rounds())
+        return await future
+
+    async def _rounds(self) -> None:
+        try:
+            while self._pending:
+                round_, self._pending = self._pending, []
+                ids = await commit([body for body, _ in round_])
+                for (_, future), id_ in zip(round_, ids, strict=True):
+                    future.set_result(id_)
+        finally:
+            self._running = False
+
+
+_grouped = GroupCommit()
+
+
+def pushed_and_confirm(frame: dict[str, Any], message_id: int) -> tuple[str, str]:
+    """The relay's two frames for a publish frame: the push, framed as Pegasus pushes, and the
+    publisher's `published` confirm."""
+    pushed = json.dumps({"op": "message", "sub": "l", "message": frame["messages"][0]})
+    confirmed = [{"id": str(message_id), "duplicate": False}]
+    return pushed, json.dumps({"op": "published", "corr": frame["corr"], "messages": confirmed})
 
 
 async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -98,8 +142,11 @@ async def application(scope: dict[str, Any], receive: Receive, send: Send) -> No
         more = event.get("more_body", False)
     answer = ANSWER
     if scope["path"].startswith(DURABLE):
-        ids = await _commit([m["body"] for m in json.loads(body)["messages"]])
+        ids = await commit([m["body"] for m in json.loads(body)["messages"]])
         answer = json.dumps({"messages": [{"id": str(i), "duplicate": False} for i in ids]}).encode()
+    elif scope["path"].startswith(GROUPED):
+        id_ = await _grouped.commit(json.loads(body)["body"])
+        answer = json.dumps({"messages": [{"id": str(id_), "duplicate": False}]}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
     await send({"type": "http.response.start", "status": 201, "headers": headers})
     await send({"type": "http.response.body", "body": answer})
@@ -109,9 +156,11 @@ async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """/consumer: gets every message published on /publisher, framed as Pegasus pushes it; the
     publisher gets a `published` confirm for each publish frame."""
     await receive()  # websocket.connect
-    await send({"type": "websocket.accept"})
     consumer = scope["path"].endswith("/consumer")
     durable = scope["path"].startswith(DURABLE)
+    if durable:
+        await database()
+    await send({"type": "websocket.accept"})
     if consumer:
         _consumers.append(send)
     try:
@@ -119,18 +168,94 @@ async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
             if consumer:
                 continue
             frame = json.loads(event["text"])
-            ids = await _commit([frame["messages"][0]["body"]]) if durable else [1]
-            pushed = json.dumps({"op": "message", "sub": "l", "message": frame["messages"][0]})
+            ids = await commit([frame["messages"][0]["body"]]) if durable else [1]
+            pushed, confirm = pushed_and_confirm(frame, ids[0])
             for deliver in _consumers:
                 await deliver({"type": "websocket.send", "text": pushed})
-            confirm = {"op": "published", "corr": frame["corr"], "messages": [{"id": str(ids[0]), "duplicate": False}]}
-            await send({"type": "websocket.send", "text": json.dumps(confirm)})
+            await send({"type": "websocket.send", "text": confirm})
     finally:
         if consumer:
             _consumers.remove(send)
 
 
-def with_cpu_share(pid: int, stage: Coroutine[Any, Any, list[float]]) -> tuple[list[float], float]:
+BARE_APP = "bench.daphne_ceiling:application"
+CHANNELS_APP = "bench.channels_relay:application"
+
+
+@contextlib.contextmanager
+def serve(app: str) -> Iterator[tuple[int, int]]:
+    """daphne serving `app` on a free port, listening: (port, pid)."""
+    port = free_port()
+    daphne = str(Path(sys.executable).with_name("daphne"))
+    proc = subprocess.Popen(
+        [daphne, "-b", "127.0.0.1", "-p", str(port), app], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_listening(port, proc)
+        yield port, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"daphne exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("daphne did not start listening in 10 s")
+
+
+# ---------------------------------------------------------------------- the floors, as bench stages
+# Each serves its app in a daphne of its own and returns a Result of system "floor"; the report
+# sets each beside the target it bounds (bench/report.py). The durable ones need the raw tables
+# (bench.baselines.create_raw_tables), which `make bench` creates.
+
+
+def single_floor(scale: Scale, *, durable: bool, clients: int = 8) -> Result:
+    """The "durable publish, 1 per request" stage's loop against the bare app: answered at once,
+    or (`durable`) after a group commit of the concurrent requests' messages."""
+    if durable:
+        baselines.truncate_raw_tables()
+    with serve(BARE_APP) as (port, pid):
+        (n, secs), cpu = with_cpu_share(pid, publish(port, clients, scale.seconds, prefix=GROUPED if durable else "/"))
+    name = report.FLOOR_SINGLE if durable else report.FLOOR_BARE_SINGLE
+    return Result(name, "floor", n, secs, {"clients": clients, "server_cpu_pct": cpu * 100})
+
+
+def batch_floor(scale: Scale) -> Result:
+    """The "durable publish, batch 100" stage's loop (one client) against the bare app that
+    commits each request's 100 messages in one statement before it answers."""
+    baselines.truncate_raw_tables()
+    with serve(BARE_APP) as (port, pid):
+        (n, secs), cpu = with_cpu_share(pid, publish(port, 1, scale.seconds, size=100, prefix=DURABLE))
+    return Result(report.FLOOR_BATCH, "floor", n, secs, {"clients": 1, "batch": 100, "server_cpu_pct": cpu * 100})
+
+
+def relay_floor(scale: Scale, *, app: str = BARE_APP, durable: bool = True) -> Result:
+    """The latency stage's loop against a relay that (`durable`) commits each message before
+    it pushes and confirms it: p50 and p99, and the server's share of a core."""
+    if durable:
+        baselines.truncate_raw_tables()
+    with serve(app) as (port, pid):
+        stage = relay_latency(port, scale.latency_rate, scale.latency_seconds, DURABLE if durable else "/")
+        ms, cpu = with_cpu_share(pid, stage)
+    name = report.FLOOR_RELAY if app == CHANNELS_APP else report.FLOOR_ASGI_RELAY
+    if not durable:
+        name = name.replace("commit each message", "no commit")
+    extra = {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "server_cpu_pct": cpu * 100}
+    return Result(name, "floor", len(ms), scale.latency_seconds, {**extra, "rate": scale.latency_rate})
+
+
+T = TypeVar("T")
+
+
+def with_cpu_share(pid: int, stage: Coroutine[Any, Any, T]) -> tuple[T, float]:
     """Run `stage`; its result and the share of one core process `pid` used meanwhile."""
     cpu, wall = cpu_seconds(pid), time.perf_counter()
     result = asyncio.run(stage)
@@ -146,23 +271,14 @@ async def relay_latency(port: int, rate: int, seconds: float, prefix: str = "/")
     return arrivals
 
 
-async def measure(port: int, clients: int, seconds: float, *, size: int = 1, prefix: str = "/") -> float:
-    """The publish stages' own loop (bench.pegasus.publish_for): `size` messages a request."""
-    for _ in range(100):  # wait for daphne to listen
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            break
-        except OSError:
-            await asyncio.sleep(0.1)
-    else:
-        raise RuntimeError("daphne did not start listening in 10 s")
+async def publish(port: int, clients: int, seconds: float, *, size: int = 1, prefix: str = "/") -> tuple[int, float]:
+    """The publish stages' own loop (bench.pegasus.publish_for), `size` messages a request:
+    (messages, seconds)."""
     payload = {"body": BODY} if size == 1 else batch_payload(size)
-    n, secs = await publish_for(
+    return await publish_for(
         lambda: Client("127.0.0.1", port, "ceiling"), f"{prefix}api/v1/queues/ceiling/messages", payload, size,
         clients, seconds,
     )  # fmt: skip
-    return n / secs
 
 
 def bench_database_ready() -> bool:
@@ -177,55 +293,28 @@ def bench_database_ready() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    daphne = str(Path(sys.executable).with_name("daphne"))
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen(
-        [daphne, "-b", "127.0.0.1", "-p", str(port), "bench.daphne_ceiling:application"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    durable = bench_database_ready()
-    if durable:
+    scale = Scale.full()
+    scale.seconds = args.seconds
+    stages: list[Callable[[], Result]] = [
+        lambda: single_floor(scale, durable=False),
+        lambda: relay_floor(scale, durable=False),
+        lambda: relay_floor(scale, app=CHANNELS_APP, durable=False),
+    ]
+    if bench_database_ready():
         baselines.create_raw_tables()
-    try:
-        rate = asyncio.run(measure(port, args.clients, args.seconds))
-        scale = Scale.full()
-        latencies, relay_cpu = with_cpu_share(proc.pid, relay_latency(port, scale.latency_rate, scale.latency_seconds))
-        if durable:
-            batch_rate = asyncio.run(measure(port, 1, args.seconds, size=100, prefix=DURABLE))
-            durable_latencies, durable_cpu = with_cpu_share(
-                proc.pid, relay_latency(port, scale.latency_rate, scale.latency_seconds, prefix=DURABLE)
-            )
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    print(f"daphne, bare ASGI app, 1 message per request, {args.clients} clients: {rate:,.0f} requests/s")
-    print(
-        f"daphne, bare WebSocket relay at {scale.latency_rate} msg/s: p50 {percentile(latencies, 50):.2f} ms,"
-        f" p99 {percentile(latencies, 99):.2f} ms, server at {relay_cpu:.0%} of a core"
-    )
-    if durable:
-        print(f"daphne + one committed INSERT per request, batch 100, 1 client: {batch_rate:,.0f} msg/s")
-        print(
-            f"daphne relay committing each message first, at {scale.latency_rate} msg/s:"
-            f" p50 {percentile(durable_latencies, 50):.2f} ms, p99 {percentile(durable_latencies, 99):.2f} ms,"
-            f" server at {durable_cpu:.0%} of a core (the target is a p50 of at most 2 ms)"
-        )
+        stages += [
+            lambda: single_floor(scale, durable=True),
+            lambda: batch_floor(scale),
+            lambda: relay_floor(scale),
+            lambda: relay_floor(scale, app=CHANNELS_APP),
+        ]
     else:
         print("durable floors skipped: run `make bench` first (it leaves the database they write to)")
     if baselines.rabbit_reachable():
-        scale.seconds = args.seconds
-        rabbit = baselines.rabbit_confirm_each(scale).rate or float("nan")
-        print(f"RabbitMQ, confirm each: {rabbit:,.0f} msg/s; daphne's ceiling is {rate / rabbit:.2f}x of it "
-              f"(the target is 2x)")  # fmt: skip
-        if durable:
-            tx100 = baselines.rabbit_tx100(scale).rate or float("nan")
-            print(f"RabbitMQ, transaction per 100: {tx100:,.0f} msg/s; the durable batch ceiling is "
-                  f"{batch_rate / tx100:.2f}x of it (the target is 2.5x)")  # fmt: skip
+        stages += [lambda: baselines.rabbit_confirm_each(scale), lambda: baselines.rabbit_tx100(scale)]
+    results = [stage() for stage in stages]
+    print(report.table(results))
 
 
 if __name__ == "__main__":

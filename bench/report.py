@@ -22,6 +22,12 @@ SHORT = {
     PG_SINGLE: "PG 1/commit", PG_MANY: "PG executemany", PG_COPY: "PG COPY", PG_DRAIN: "PG drain",
     RMQ_CONFIRM: "RMQ confirm-each", RMQ_TX: "RMQ tx-100", RMQ_CONSUME: "RMQ consume",
 }  # fmt: skip
+# The floors (bench/daphne_ceiling.py): bare apps on daphne doing only a target's commit, if any.
+FLOOR_BARE_SINGLE = "1 per request, 8 clients: bare app, no commit"
+FLOOR_SINGLE = "durable 1 per request, 8 clients: bare app, group commit"
+FLOOR_BATCH = "durable batch 100: bare app, one INSERT per request"
+FLOOR_ASGI_RELAY = "latency: bare ASGI relay, commit each message"
+FLOOR_RELAY = "latency: channels consumer relay, commit each message"
 COMPARE = {
     "durable publish, 1 per request": [RMQ_CONFIRM, PG_SINGLE],
     "durable publish, batch 100": [RMQ_TX, PG_MANY],
@@ -35,6 +41,9 @@ COMPARE = {
     "backlog fill, batch 1000, 2 clients": [PG_COPY],
     "durable publish, batch 100, with backlog": [RMQ_TX, PG_MANY],
     "backlog drain, batch 1000, 2 clients": [RMQ_CONSUME, PG_DRAIN],
+    FLOOR_BARE_SINGLE: [RMQ_CONFIRM],
+    FLOOR_SINGLE: [RMQ_CONFIRM],
+    FLOOR_BATCH: [RMQ_TX, PG_MANY],
 }
 
 
@@ -46,8 +55,8 @@ def _baseline_rate(results: list[Result], name: str) -> float | None:
     return next((r.rate for r in results if r.name == name and r.system != "pegasus"), None)
 
 
-def _pegasus(results: list[Result], name: str) -> Result | None:
-    return next((r for r in results if r.name == name and r.system == "pegasus"), None)
+def _pegasus(results: list[Result], name: str, system: str = "pegasus") -> Result | None:
+    return next((r for r in results if r.name == name and r.system == system), None)
 
 
 def table(results: list[Result]) -> str:
@@ -60,7 +69,7 @@ def table(results: list[Result]) -> str:
         if "p50_ms" in r.extra:
             figure = f"p50 {r.extra['p50_ms']:.2f} ms, p99 {r.extra['p99_ms']:.2f} ms"
         ratios = []
-        for base in COMPARE.get(r.name, []) if r.system == "pegasus" else []:
+        for base in COMPARE.get(r.name, []) if r.system in ("pegasus", "floor") else []:
             b = _baseline_rate(results, base)
             if b and r.rate:
                 ratios.append(f"{r.rate / b:.2f}x {SHORT[base]}")
@@ -76,19 +85,40 @@ class Target:
     measure: Callable[[list[Result]], float | None]
     goal: float
     at_most: bool = False  # True: the measured value must be <= goal
+    # The same figure for the floor that bounds it in this run (bench/daphne_ceiling.py), if any.
+    floor: Callable[[list[Result]], float | None] | None = None
+
+    def meets(self, value: float | None) -> bool | None:
+        return None if value is None else (value <= self.goal if self.at_most else value >= self.goal)
 
     def evaluate(self, results: list[Result]) -> dict[str, Any]:
         value = self.measure(results)
-        met = None if value is None else (value <= self.goal if self.at_most else value >= self.goal)
-        return {"target": self.text, "measured": value, "goal": self.goal, "met": met}
+        floor = self.floor(results) if self.floor else None
+        return {
+            "target": self.text, "measured": value, "goal": self.goal, "met": self.meets(value),
+            "floor": floor, "floor_meets": self.meets(floor),
+        }  # fmt: skip
 
 
-def _ratio(name: str, base: str) -> Callable[[list[Result]], float | None]:
+def _ratio(name: str, base: str, system: str = "pegasus") -> Callable[[list[Result]], float | None]:
     def measure(results: list[Result]) -> float | None:
-        r, b = _pegasus(results, name), _baseline_rate(results, base)
+        r, b = _pegasus(results, name, system), _baseline_rate(results, base)
         return r.rate / b if r and r.rate and b else None
 
     return measure
+
+
+def _baselines_ratio(name: str, base: str) -> Callable[[list[Result]], float | None]:
+    def measure(results: list[Result]) -> float | None:
+        r, b = _baseline_rate(results, name), _baseline_rate(results, base)
+        return r / b if r and b else None
+
+    return measure
+
+
+# A consume's floor is the raw drain (one DELETE ... SKIP LOCKED RETURNING of 100 and a commit,
+# in-process): less work than any lease and ack of rows, with no HTTP.
+_DRAIN_FLOOR = _baselines_ratio(PG_DRAIN, RMQ_CONSUME)
 
 
 def _pegasus_ratio(name: str, other: str) -> Callable[[list[Result]], float | None]:
@@ -99,9 +129,9 @@ def _pegasus_ratio(name: str, other: str) -> Callable[[list[Result]], float | No
     return measure
 
 
-def _extra(name: str, key: str) -> Callable[[list[Result]], float | None]:
+def _extra(name: str, key: str, system: str = "pegasus") -> Callable[[list[Result]], float | None]:
     def measure(results: list[Result]) -> float | None:
-        r = _pegasus(results, name)
+        r = _pegasus(results, name, system)
         return r.extra.get(key) if r and not r.error and not r.skipped else None
 
     return measure
@@ -114,20 +144,25 @@ def _max_rss(results: list[Result]) -> float | None:
 
 LATENCY = "end-to-end latency at 500 msg/s"
 TARGETS = [
-    Target("durable batch publish / RabbitMQ tx-per-100", _ratio("durable publish, batch 100", RMQ_TX), 2.5),
-    Target("durable batch publish / raw executemany", _ratio("durable publish, batch 100", PG_MANY), 0.4),
+    Target("durable batch publish / RabbitMQ tx-per-100", _ratio("durable publish, batch 100", RMQ_TX), 2.5,
+           floor=_ratio(FLOOR_BATCH, RMQ_TX, "floor")),
+    Target("durable batch publish / raw executemany", _ratio("durable publish, batch 100", PG_MANY), 0.4,
+           floor=_ratio(FLOOR_BATCH, PG_MANY, "floor")),
     Target("durable 1-per-request publish, 8 clients / RabbitMQ confirm-each",
-           _ratio("durable publish, 1 per request", RMQ_CONFIRM), 2.0),
+           _ratio("durable publish, 1 per request", RMQ_CONFIRM), 2.0,
+           floor=_ratio(FLOOR_SINGLE, RMQ_CONFIRM, "floor")),
     Target("batched consume + ack (REST, acks on the next receive) / RabbitMQ prefetch 100",
-           _ratio("consume, acks on the next receive, batch 100", RMQ_CONSUME), 1.0),
+           _ratio("consume, acks on the next receive, batch 100", RMQ_CONSUME), 1.0, floor=_DRAIN_FLOOR),
     Target("batched consume + ack (REST, a separate /ack per batch) / RabbitMQ prefetch 100",
-           _ratio("consume + ack, batch 100", RMQ_CONSUME), 1.0),
+           _ratio("consume + ack, batch 100", RMQ_CONSUME), 1.0, floor=_DRAIN_FLOOR),
     Target("push consume + ack (WebSocket) / RabbitMQ prefetch 100",
-           _ratio("consume + ack, push prefetch 100", RMQ_CONSUME), 1.0),
+           _ratio("consume + ack, push prefetch 100", RMQ_CONSUME), 1.0, floor=_DRAIN_FLOOR),
     Target("non-durable batch publish / durable batch publish",
            _pegasus_ratio("non-durable publish, batch 100", "durable publish, batch 100"), 2.0),
-    Target("end-to-end p50 at 500 msg/s (ms)", _extra(LATENCY, "p50_ms"), 2.0, at_most=True),
-    Target("end-to-end p99 at 500 msg/s (ms)", _extra(LATENCY, "p99_ms"), 10.0, at_most=True),
+    Target("end-to-end p50 at 500 msg/s (ms)", _extra(LATENCY, "p50_ms"), 2.0, at_most=True,
+           floor=_extra(FLOOR_RELAY, "p50_ms", "floor")),
+    Target("end-to-end p99 at 500 msg/s (ms)", _extra(LATENCY, "p99_ms"), 10.0, at_most=True,
+           floor=_extra(FLOOR_RELAY, "p99_ms", "floor")),
     Target("publish with backlog / publish to an empty queue (measured just before the fill)",
            _extra("durable publish, batch 100, with backlog", "ratio_to_empty"), 0.8),
     Target("server RSS, largest at any stage (MB)", _max_rss, 200.0, at_most=True),
@@ -139,12 +174,17 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
 
 
 def targets_table(evaluated: list[dict[str, Any]]) -> str:
-    lines = ["| target | measured | goal | met |", "|---|---:|---:|---|"]
+    """The targets, each with its floor in this run where one bounds it: a target the floor
+    misses too is out of reach on this machine for any broker on daphne and PostgreSQL."""
+    lines = ["| target | measured | goal | floor here | met |", "|---|---:|---:|---:|---|"]
     for t in evaluated:
         value = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
+        floor = "" if t.get("floor") is None else f"{t['floor']:.2f}"
         sign = "<=" if "(ms)" in t["target"] or "(MB)" in t["target"] else ">="
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        lines.append(f"| {t['target']} | {value} | {sign} {t['goal']:g} | {met} |")
+        if t["met"] is False and t.get("floor_meets") is False:
+            met = "no: the floor misses it too"
+        lines.append(f"| {t['target']} | {value} | {sign} {t['goal']:g} | {floor} | {met} |")
     return "\n".join(lines)
 
 
@@ -162,7 +202,7 @@ def chart(path: Path, results: list[Result], title: str) -> None:
     shown = [r for r in results if r.rate and "p50_ms" not in r.extra]
     if not shown:  # a partial run of, say, the latency stage alone: nothing to draw
         return
-    colors = {"postgres": "#336791", "rabbitmq": "#ff6600", "pegasus": "#2ca02c"}
+    colors = {"postgres": "#336791", "rabbitmq": "#ff6600", "pegasus": "#2ca02c", "floor": "#999999"}
     fig, ax = plt.subplots(figsize=(10, 0.38 * len(shown) + 1.6))
     labels = [f"{r.system}: {r.name}" for r in shown]
     values = [r.rate or 0 for r in shown]

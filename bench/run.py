@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # `python bench/run.py` as well as `python -m ben
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import baselines, pegasus, report, server
+from bench import daphne_ceiling as floors
 from bench.common import Result, Scale
 from bench.http import HttpError
 
@@ -97,6 +98,17 @@ def stages(peg: pegasus.Pegasus, scale: Scale, results: list[Result]) -> list[St
         ("pegasus: consume WebSocket", lambda: pegasus.consume_ws(peg, scale)),
         ("pegasus: fan-out 10", lambda: pegasus.fan_out(peg, scale)),
         ("pegasus: latency", lambda: pegasus.latency(peg, scale)),
+        # The floors (bench/daphne_ceiling.py), each in a daphne of its own while Pegasus idles:
+        # what a bare app does under the same client loops, for the targets they bound. Each
+        # runs its client loop on an event loop of its own, so on a thread.
+        ("floor: 1 per request, no commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=False)),
+        ("floor: 1 per request, group commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=True)),
+        ("floor: batch 100", lambda: asyncio.to_thread(floors.batch_floor, scale)),
+        ("floor: latency, ASGI relay", lambda: asyncio.to_thread(floors.relay_floor, scale)),
+        (
+            "floor: latency, channels relay",
+            lambda: asyncio.to_thread(floors.relay_floor, scale, app=floors.CHANNELS_APP),
+        ),
         ("pegasus: backlog", lambda: pegasus.backlog(peg, scale, empty_rate())),
     ]
 
