@@ -51,6 +51,25 @@ def create_raw_tables() -> None:
         )
 
 
+# A reliable consume's least work per round, as a REST receive carrying the last batch's acks or
+# a push consumer's ack-and-refill does it: ack (delete) the rows leased last round and lease the
+# next ones (state 2, a visibility deadline), with their bodies, in one statement and one commit.
+LEASE_AND_ACK = f"""
+WITH acked AS (
+  DELETE FROM bench_delivery WHERE id = ANY(%s::bigint[]) RETURNING message_id
+), gone AS (
+  DELETE FROM bench_message m USING acked WHERE m.id = acked.message_id
+), c AS (
+  SELECT id FROM bench_delivery WHERE queue_id = {QUEUE_ID} AND state = 1 AND visible_at <= now()
+  ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED
+)
+UPDATE bench_delivery b
+SET state = 2, visible_at = now() + interval '30 seconds', delivery_count = b.delivery_count + 1, lease_token = 'l'
+FROM c, bench_message m WHERE b.id = c.id AND m.id = b.message_id
+RETURNING b.id, m.body
+"""
+
+
 def truncate_raw_tables() -> None:
     with psycopg.connect(bench_url()) as conn:
         _truncate(conn)
@@ -141,6 +160,30 @@ def raw_drain(scale: Scale) -> Result:
             total += got
         secs = time.perf_counter() - start
     return Result("consume, DELETE SKIP LOCKED 100 per commit", "postgres", total, secs, {"batch": 100})
+
+
+def raw_lease_and_ack(scale: Scale) -> Result:
+    """Lease 100 and ack the 100 leased before, one statement and one COMMIT per round, until
+    the queue is empty (the last round only acks)."""
+    with psycopg.connect(bench_url()) as conn:
+        _truncate(conn)
+        for _ in range(0, scale.drain_messages, 1000):
+            copy_batch(conn, 1000)
+        conn.commit()
+        conn.execute("ANALYZE bench_message, bench_delivery")
+        conn.commit()
+        total = 0
+        held: list[int] = []
+        start = time.perf_counter()
+        while True:
+            rows = conn.execute(LEASE_AND_ACK, (held, 100), prepare=True).fetchall()
+            conn.commit()
+            total += len(held)
+            held = [row[0] for row in rows]
+            if not held:
+                break
+        secs = time.perf_counter() - start
+    return Result("consume, lease 100 + ack 100 per commit", "postgres", total, secs, {"batch": 100})
 
 
 # --------------------------------------------------------------------------- RabbitMQ

@@ -83,38 +83,47 @@ async def database() -> psycopg.AsyncConnection[Any]:
     return _database
 
 
-async def commit(bodies: list[str]) -> list[int]:
+async def commit(bodies: list[str], connection: psycopg.AsyncConnection[Any] | None = None) -> list[int]:
     """Insert and commit one message (and its delivery) per body; their ids."""
-    cursor = await (await database()).execute(INSERT_BATCH, (bodies,), prepare=True)
+    cursor = await (connection or await database()).execute(INSERT_BATCH, (bodies,), prepare=True)
     return [row[0] for row in await cursor.fetchall()]
 
 
 class GroupCommit:
-    """The least a group commit is: bodies that arrive while a commit is in flight go together
-    in the next one (one statement, one round in flight), as messaging/group_commit.py does."""
+    """The least a group commit is: bodies that arrive while the rounds in flight commit go
+    together in the next round (one statement). As in messaging/group_commit.py, two rounds
+    may be in flight at once, each on a connection of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, lanes: int = 2) -> None:
         self._pending: list[tuple[str, asyncio.Future[int]]] = []
-        self._running = False
-        self._task: asyncio.Future[None] | None = None  # kept: the loop holds tasks only weakly
+        self._idle: list[psycopg.AsyncConnection[Any] | None] = [None] * lanes  # opened on first use
+        self._tasks: set[asyncio.Future[None]] = set()  # kept: the loop holds tasks only weakly
 
     async def commit(self, body: str) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((body, future))
-        if not self._running:
-            self._running = True
-            self._task = asyncio.ensure_future(self._rounds())
+        if self._idle:
+            task = asyncio.ensure_future(self._rounds(self._idle.pop()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
-    async def _rounds(self) -> None:
+    async def _rounds(self, connection: psycopg.AsyncConnection[Any] | None) -> None:
         try:
+            if connection is None:
+                connection = await psycopg.AsyncConnection.connect(bench_url(), autocommit=True)
             while self._pending:
                 round_, self._pending = self._pending, []
-                ids = await commit([body for body, _ in round_])
+                try:
+                    ids = await commit([body for body, _ in round_], connection)
+                except Exception as exc:  # every request of the round answers 500
+                    for _, future in round_:
+                        future.set_exception(exc)
+                    continue
                 for (_, future), id_ in zip(round_, ids, strict=True):
                     future.set_result(id_)
         finally:
-            self._running = False
+            self._idle.append(connection)
 
 
 _grouped = GroupCommit()

@@ -15,11 +15,13 @@ PG_SINGLE = "publish, one per commit"
 PG_MANY = "publish, executemany 100 per commit"
 PG_COPY = "publish, COPY 1,000 per commit"
 PG_DRAIN = "consume, DELETE SKIP LOCKED 100 per commit"
+PG_LEASE_ACK = "consume, lease 100 + ack 100 per commit"
 RMQ_CONFIRM = "publish, confirm each"
 RMQ_TX = "publish, transaction per 100"
 RMQ_CONSUME = "consume, prefetch 100, ack multiple"
 SHORT = {
     PG_SINGLE: "PG 1/commit", PG_MANY: "PG executemany", PG_COPY: "PG COPY", PG_DRAIN: "PG drain",
+    PG_LEASE_ACK: "PG lease+ack",
     RMQ_CONFIRM: "RMQ confirm-each", RMQ_TX: "RMQ tx-100", RMQ_CONSUME: "RMQ consume",
 }  # fmt: skip
 # The floors (bench/daphne_ceiling.py): bare apps on daphne doing only a target's commit, if any.
@@ -33,9 +35,9 @@ COMPARE = {
     "durable publish, batch 100": [RMQ_TX, PG_MANY],
     "non-durable publish, batch 100": [RMQ_TX, PG_MANY],
     "WebSocket publish, pipelined confirms": [RMQ_CONFIRM, RMQ_TX],
-    "consume + ack, batch 100": [RMQ_CONSUME, PG_DRAIN],
-    "consume, acks on the next receive, batch 100": [RMQ_CONSUME, PG_DRAIN],
-    "consume + ack, push prefetch 100": [RMQ_CONSUME, PG_DRAIN],
+    "consume + ack, batch 100": [RMQ_CONSUME, PG_LEASE_ACK, PG_DRAIN],
+    "consume, acks on the next receive, batch 100": [RMQ_CONSUME, PG_LEASE_ACK, PG_DRAIN],
+    "consume + ack, push prefetch 100": [RMQ_CONSUME, PG_LEASE_ACK, PG_DRAIN],
     "fan-out to 10 subscriptions, batch 100": [RMQ_TX, PG_MANY],
     "durable publish, batch 100, empty queue (before the backlog)": [RMQ_TX, PG_MANY],
     "backlog fill, batch 1000, 2 clients": [PG_COPY],
@@ -116,9 +118,9 @@ def _baselines_ratio(name: str, base: str) -> Callable[[list[Result]], float | N
     return measure
 
 
-# A consume's floor is the raw drain (one DELETE ... SKIP LOCKED RETURNING of 100 and a commit,
-# in-process): less work than any lease and ack of rows, with no HTTP.
-_DRAIN_FLOOR = _baselines_ratio(PG_DRAIN, RMQ_CONSUME)
+# A reliable consume's floor: raw psycopg acking the last 100 and leasing the next 100 in one
+# statement and one commit, in-process (bench.baselines.raw_lease_and_ack), no HTTP.
+_CONSUME_FLOOR = _baselines_ratio(PG_LEASE_ACK, RMQ_CONSUME)
 
 
 def _pegasus_ratio(name: str, other: str) -> Callable[[list[Result]], float | None]:
@@ -152,11 +154,11 @@ TARGETS = [
            _ratio("durable publish, 1 per request", RMQ_CONFIRM), 2.0,
            floor=_ratio(FLOOR_SINGLE, RMQ_CONFIRM, "floor")),
     Target("batched consume + ack (REST, acks on the next receive) / RabbitMQ prefetch 100",
-           _ratio("consume, acks on the next receive, batch 100", RMQ_CONSUME), 1.0, floor=_DRAIN_FLOOR),
+           _ratio("consume, acks on the next receive, batch 100", RMQ_CONSUME), 1.0, floor=_CONSUME_FLOOR),
     Target("batched consume + ack (REST, a separate /ack per batch) / RabbitMQ prefetch 100",
-           _ratio("consume + ack, batch 100", RMQ_CONSUME), 1.0, floor=_DRAIN_FLOOR),
+           _ratio("consume + ack, batch 100", RMQ_CONSUME), 1.0, floor=_CONSUME_FLOOR),
     Target("push consume + ack (WebSocket) / RabbitMQ prefetch 100",
-           _ratio("consume + ack, push prefetch 100", RMQ_CONSUME), 1.0, floor=_DRAIN_FLOOR),
+           _ratio("consume + ack, push prefetch 100", RMQ_CONSUME), 1.0, floor=_CONSUME_FLOOR),
     Target("non-durable batch publish / durable batch publish",
            _pegasus_ratio("non-durable publish, batch 100", "durable publish, batch 100"), 2.0),
     Target("end-to-end p50 at 500 msg/s (ms)", _extra(LATENCY, "p50_ms"), 2.0, at_most=True,

@@ -86,6 +86,7 @@ def stages(peg: pegasus.Pegasus, scale: Scale, results: list[Result]) -> list[St
         ("postgres: executemany 100", lambda: baselines.raw_executemany(scale)),
         ("postgres: COPY 1000", lambda: baselines.raw_copy(scale)),
         ("postgres: drain", lambda: baselines.raw_drain(scale)),
+        ("postgres: lease and ack", lambda: baselines.raw_lease_and_ack(scale)),
         ("rabbitmq: confirm each", rmq(baselines.rabbit_confirm_each, report.RMQ_CONFIRM)),
         ("rabbitmq: tx per 100", rmq(baselines.rabbit_tx100, report.RMQ_TX)),
         ("rabbitmq: consume", rmq(baselines.rabbit_consume, report.RMQ_CONSUME)),
@@ -101,14 +102,15 @@ def stages(peg: pegasus.Pegasus, scale: Scale, results: list[Result]) -> list[St
         # The floors (bench/daphne_ceiling.py), each in a daphne of its own while Pegasus idles:
         # what a bare app does under the same client loops, for the targets they bound. Each
         # runs its client loop on an event loop of its own, so on a thread.
-        ("floor: 1 per request, no commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=False)),
-        ("floor: 1 per request, group commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=True)),
-        ("floor: batch 100", lambda: asyncio.to_thread(floors.batch_floor, scale)),
+        # The relays first, right after the latency stage: a p99 follows the machine's noise.
         ("floor: latency, ASGI relay", lambda: asyncio.to_thread(floors.relay_floor, scale)),
         (
             "floor: latency, channels relay",
             lambda: asyncio.to_thread(floors.relay_floor, scale, app=floors.CHANNELS_APP),
         ),
+        ("floor: 1 per request, no commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=False)),
+        ("floor: 1 per request, group commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=True)),
+        ("floor: batch 100", lambda: asyncio.to_thread(floors.batch_floor, scale)),
         ("pegasus: backlog", lambda: pegasus.backlog(peg, scale, empty_rate())),
     ]
 

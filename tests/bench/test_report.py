@@ -28,7 +28,7 @@ def test_ratio_floors_come_from_the_same_run() -> None:
     results = [
         Result(report.RMQ_TX, "rabbitmq", 5000, 1.0),
         Result(report.RMQ_CONSUME, "rabbitmq", 10000, 1.0),
-        Result(report.PG_DRAIN, "postgres", 8000, 1.0),
+        Result(report.PG_LEASE_ACK, "postgres", 8000, 1.0),
         Result("durable publish, batch 100", "pegasus", 9000, 1.0),
         Result(report.FLOOR_BATCH, "floor", 11000, 1.0),
         Result("consume + ack, batch 100", "pegasus", 3000, 1.0),
