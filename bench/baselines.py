@@ -141,15 +141,20 @@ def raw_copy(scale: Scale) -> Result:
     return Result("publish, COPY 1,000 per commit", "postgres", n, secs, {"clients": 1, "batch": 1000})
 
 
+def _fill(conn: psycopg.Connection, messages: int) -> None:
+    """The raw tables holding `messages` ready messages and nothing else, analyzed."""
+    _truncate(conn)
+    for _ in range(0, messages, 1000):
+        copy_batch(conn, 1000)
+    conn.commit()
+    conn.execute("ANALYZE bench_message, bench_delivery")
+    conn.commit()
+
+
 def raw_drain(scale: Scale) -> Result:
     """DELETE ... FOR UPDATE SKIP LOCKED in batches of 100, one COMMIT per batch."""
     with psycopg.connect(bench_url()) as conn:
-        _truncate(conn)
-        for _ in range(0, scale.drain_messages, 1000):
-            copy_batch(conn, 1000)
-        conn.commit()
-        conn.execute("ANALYZE bench_message, bench_delivery")
-        conn.commit()
+        _fill(conn, scale.drain_messages)
         total = 0
         start = time.perf_counter()
         while True:
@@ -166,12 +171,7 @@ def raw_lease_and_ack(scale: Scale) -> Result:
     """Lease 100 and ack the 100 leased before, one statement and one COMMIT per round, until
     the queue is empty (the last round only acks)."""
     with psycopg.connect(bench_url()) as conn:
-        _truncate(conn)
-        for _ in range(0, scale.drain_messages, 1000):
-            copy_batch(conn, 1000)
-        conn.commit()
-        conn.execute("ANALYZE bench_message, bench_delivery")
-        conn.commit()
+        _fill(conn, scale.drain_messages)
         total = 0
         held: list[int] = []
         start = time.perf_counter()

@@ -28,6 +28,7 @@ from channels.routing import URLRouter
 from django.urls import re_path
 
 from bench.daphne_ceiling import commit, database, pushed_and_confirm
+from pegasus_site.gc_tuning import settle_garbage_collector
 
 _consumers: list[Relay] = []
 
@@ -61,3 +62,4 @@ class Relay(AsyncWebsocketConsumer):  # type: ignore[misc]
 
 
 application = URLRouter([re_path(r"^(durable/)?(publisher|consumer)$", Relay.as_asgi())])
+settle_garbage_collector()  # as pegasus_site/asgi.py does: full collections skip start-up's objects

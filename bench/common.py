@@ -24,6 +24,7 @@ class Scale:
     backlog: int  # messages in the backlog stage
     latency_seconds: float
     latency_rate: int  # messages per second in the latency stage
+    floor_runs: int = 3  # each floor is the best of this many runs (bench/daphne_ceiling.py)
 
     @classmethod
     def full(cls) -> Scale:
@@ -31,7 +32,7 @@ class Scale:
 
     @classmethod
     def smoke(cls) -> Scale:
-        return cls(seconds=0.6, drain_messages=500, backlog=3_000, latency_seconds=1.0, latency_rate=500)
+        return cls(seconds=0.6, drain_messages=500, backlog=3_000, latency_seconds=1.0, latency_rate=500, floor_runs=1)
 
 
 @dataclass

@@ -226,39 +226,62 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
 # (bench.baselines.create_raw_tables), which `make bench` creates.
 
 
+# A floor is the best of `scale.floor_runs` runs (three in a full run): the most a bare app
+# could do, so a run the machine disturbed (another process, a pause) does not make a target
+# look out of reach. Pegasus's own stage runs once, so the comparison leans Pegasus's way.
+
+
 def single_floor(scale: Scale, *, durable: bool, clients: int = 8) -> Result:
     """The "durable publish, 1 per request" stage's loop against the bare app: answered at once,
     or (`durable`) after a group commit of the concurrent requests' messages."""
-    if durable:
-        baselines.truncate_raw_tables()
-    with serve(BARE_APP) as (port, pid):
-        (n, secs), cpu = with_cpu_share(pid, publish(port, clients, scale.seconds, prefix=GROUPED if durable else "/"))
     name = report.FLOOR_SINGLE if durable else report.FLOOR_BARE_SINGLE
-    return Result(name, "floor", n, secs, {"clients": clients, "server_cpu_pct": cpu * 100})
+    prefix = GROUPED if durable else "/"
+    return _best_rate(name, scale, durable, lambda port: publish(port, clients, scale.seconds, prefix=prefix))
 
 
 def batch_floor(scale: Scale) -> Result:
     """The "durable publish, batch 100" stage's loop (one client) against the bare app that
     commits each request's 100 messages in one statement before it answers."""
-    baselines.truncate_raw_tables()
+    return _best_rate(
+        report.FLOOR_BATCH, scale, True, lambda port: publish(port, 1, scale.seconds, size=100, prefix=DURABLE)
+    )
+
+
+def _best_rate(
+    name: str, scale: Scale, durable: bool, loop: Callable[[int], Coroutine[Any, Any, tuple[int, float]]]
+) -> Result:
+    runs: list[Result] = []
     with serve(BARE_APP) as (port, pid):
-        (n, secs), cpu = with_cpu_share(pid, publish(port, 1, scale.seconds, size=100, prefix=DURABLE))
-    return Result(report.FLOOR_BATCH, "floor", n, secs, {"clients": 1, "batch": 100, "server_cpu_pct": cpu * 100})
+        for _ in range(scale.floor_runs):
+            if durable:
+                baselines.truncate_raw_tables()
+            (n, secs), cpu = with_cpu_share(pid, loop(port))
+            runs.append(Result(name, "floor", n, secs, {"server_cpu_pct": cpu * 100}))
+    best = max(runs, key=lambda r: r.rate or 0)
+    best.extra["runs_msg_per_s"] = [round(r.rate or 0) for r in runs]
+    return best
 
 
 def relay_floor(scale: Scale, *, app: str = BARE_APP, durable: bool = True) -> Result:
     """The latency stage's loop against a relay that (`durable`) commits each message before
-    it pushes and confirms it: p50 and p99, and the server's share of a core."""
-    if durable:
-        baselines.truncate_raw_tables()
+    it pushes and confirms it: the best p50 and the best p99 of the runs, and the server's
+    share of a core."""
+    runs: list[tuple[float, float, float]] = []  # p50, p99, share of a core
     with serve(app) as (port, pid):
-        stage = relay_latency(port, scale.latency_rate, scale.latency_seconds, DURABLE if durable else "/")
-        ms, cpu = with_cpu_share(pid, stage)
+        for _ in range(scale.floor_runs):
+            if durable:
+                baselines.truncate_raw_tables()
+            stage = relay_latency(port, scale.latency_rate, scale.latency_seconds, DURABLE if durable else "/")
+            ms, cpu = with_cpu_share(pid, stage)
+            runs.append((percentile(ms, 50), percentile(ms, 99), cpu * 100))
     name = report.FLOOR_RELAY if app == CHANNELS_APP else report.FLOOR_ASGI_RELAY
     if not durable:
         name = name.replace("commit each message", "no commit")
-    extra = {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "server_cpu_pct": cpu * 100}
-    return Result(name, "floor", len(ms), scale.latency_seconds, {**extra, "rate": scale.latency_rate})
+    extra = {
+        "p50_ms": min(r[0] for r in runs), "p99_ms": min(r[1] for r in runs),
+        "server_cpu_pct": min(r[2] for r in runs), "runs_p50_p99_cpu": runs, "rate": scale.latency_rate,
+    }  # fmt: skip
+    return Result(name, "floor", len(ms), scale.latency_seconds, extra)
 
 
 T = TypeVar("T")

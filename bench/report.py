@@ -70,6 +70,9 @@ def table(results: list[Result]) -> str:
         figure = f"{r.rate:,.0f}" if r.rate is not None else ""
         if "p50_ms" in r.extra:
             figure = f"p50 {r.extra['p50_ms']:.2f} ms, p99 {r.extra['p99_ms']:.2f} ms"
+        runs = len(r.extra.get("runs_msg_per_s", r.extra.get("runs_p50_p99_cpu", [])))
+        if runs > 1:  # a floor: the best of its runs (bench/daphne_ceiling.py)
+            figure += f" (best of {runs})"
         ratios = []
         for base in COMPARE.get(r.name, []) if r.system in ("pegasus", "floor") else []:
             b = _baseline_rate(results, base)
