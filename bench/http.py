@@ -33,14 +33,26 @@ class Client:
     async def request(
         self, method: str, path: str, payload: Any = None, *, expect: tuple[int, ...] = (200, 201)
     ) -> Any:
-        reader, writer = await self._connect()
         body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: Bearer {self.token}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        writer.write(head.encode() + body)
-        status, data, close = await _read_response(reader)
+        ).encode() + body
+        reused = self._writer is not None and not self._writer.is_closing()
+        reader, writer = await self._connect()
+        try:
+            writer.write(head)
+            status, data, close = await _read_response(reader)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            # A keep-alive connection the server closed while idle (daphne times idle ones out)
+            # fails before any answer: the request was not served, so send it once more on a
+            # new connection, as HTTP clients do.
+            if not reused or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                raise
+            self._writer = None
+            reader, writer = await self._connect()
+            writer.write(head)
+            status, data, close = await _read_response(reader)
         if close:
             writer.close()
             self._writer = None
