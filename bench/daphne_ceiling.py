@@ -223,12 +223,10 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
 # ---------------------------------------------------------------------- the floors, as bench stages
 # Each serves its app in a daphne of its own and returns a Result of system "floor"; the report
 # sets each beside the target it bounds (bench/report.py). The durable ones need the raw tables
-# (bench.baselines.create_raw_tables), which `make bench` creates.
-
-
-# A floor is the best of `scale.floor_runs` runs (three in a full run): the most a bare app
-# could do, so a run the machine disturbed (another process, a pause) does not make a target
-# look out of reach. Pegasus's own stage runs once, so the comparison leans Pegasus's way.
+# (bench.baselines.create_raw_tables), which `make bench` creates. A floor is the best of
+# `scale.floor_runs` runs (three in a full run): the most a bare app could do, so a run the
+# machine disturbed (another process, a pause) does not make a target look out of reach.
+# Pegasus's own stage runs once, so the comparison leans Pegasus's way.
 
 
 def single_floor(scale: Scale, *, durable: bool, clients: int = 8) -> Result:
