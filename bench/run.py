@@ -24,7 +24,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # `python bench/run.py` as well as `python -m bench.run`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import baselines, pegasus, report, server
+from bench import baselines, pegasus, report, server, trace
 from bench import daphne_ceiling as floors
 from bench.common import Result, Scale
 from bench.http import HttpError
@@ -43,6 +43,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="run the server under py-spy (bench/results/profile.txt.tmp)"
     )
+    parser.add_argument(
+        "--trace", action="store_true",
+        help="time each step of a latency-stage message in the server (bench/trace.py; bench/results/trace.tsv.tmp)",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -60,14 +64,22 @@ async def main() -> int:
     server.recreate_database()
     token = server.migrate_and_token()
     baselines.create_raw_tables()
-    srv = server.Server(profile=RESULTS / "profile.txt.tmp" if args.profile else None)
+    trace_file = RESULTS / "trace.tsv.tmp" if args.trace else None
+    srv = server.Server(profile=RESULTS / "profile.txt.tmp" if args.profile else None, trace=trace_file)
     results: list[Result] = []
     try:
         peg = pegasus.Pegasus(srv, token)
         results = await run_stages(stages(peg, scale, results), results, srv, args.only)
+        if trace_file is not None:
+            await asyncio.sleep(1.5)  # the server writes its timestamps once a second
     finally:
         srv.stop()
-    return finish(args, scale, results, time.perf_counter() - started)
+    status = finish(args, scale, results, time.perf_counter() - started)
+    if trace_file is not None:
+        where = trace_file.relative_to(RESULTS.parent.parent)
+        print(f"\nWhere a latency-stage message's time went in the server ({where}):\n")
+        print(trace.summary(trace.read(trace_file)))
+    return status
 
 
 def stages(peg: pegasus.Pegasus, scale: Scale, results: list[Result]) -> list[Stage]:

@@ -15,6 +15,7 @@ import httpx
 import psycopg
 from psycopg import sql
 
+from bench import trace as trace_module
 from bench.common import BENCH_DB, PG_ADMIN_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,13 +74,18 @@ def free_port() -> int:
 class Server:
     """One daphne process on a free port, serving the bench database."""
 
-    def __init__(self, *, profile: Path | None = None) -> None:
+    def __init__(self, *, profile: Path | None = None, trace: Path | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_base = f"ws://127.0.0.1:{self.port}"
         self.log = open(ROOT / "bench" / "results" / "server.log.tmp", "w")
         bin_dir = Path(sys.executable).parent
-        command = [str(bin_dir / "daphne"), "-b", "127.0.0.1", "-p", str(self.port), "pegasus_site.asgi:application"]
+        env = server_env()
+        app = "pegasus_site.asgi:application"
+        if trace is not None:  # the same application, with timestamps at each step (bench/trace.py)
+            env[trace_module.ENV] = str(trace)
+            app = "bench.trace:application"
+        command = [str(bin_dir / "daphne"), "-b", "127.0.0.1", "-p", str(self.port), app]
         if profile is not None:  # sample the server with py-spy; collapsed stacks go to `profile`
             extra = os.environ.get("PEGASUS_BENCH_PYSPY_ARGS", "").split()  # e.g. --gil: CPU, not waits
             command = [
@@ -95,7 +101,7 @@ class Server:
                 "--",
                 *command,
             ]
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=server_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()
         self.pid = self._server_pid(profile is not None)
 
