@@ -23,13 +23,15 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.common import percentile
+
 ENV = "PEGASUS_BENCH_TRACE"  # the file the server writes its timestamps to
 
-# The steps, in the order a message passes them (each a wrapper in `install`).
+# The steps, in the order a message passes them (each a wrapper in `wrappers`).
 FRAME = "publish frame received"
 QUEUED = "into group commit"
 HOP = "round handed to its thread"
@@ -104,25 +106,11 @@ def _around(owner: Any, name: str, before: Callable[..., None], after: Callable[
     setattr(owner, name, wrapped)
 
 
-def targets() -> list[tuple[Any, str]]:
-    """(owner, attribute) of every server function the steps wrap (tests check they exist)."""
-    from messaging import group_commit, push
-    from messaging.broker import bulk
-    from messaging.consumers import JsonConsumer
-
-    return [
-        (JsonConsumer, "receive"),
-        (group_commit.GroupCommitter, "publish"),
-        (group_commit.GroupCommitter, "_commit"),
-        (group_commit, "_run_round_and_close"),
-        (bulk, "insert_messages"),
-        (push, "_settle"),
-        (JsonConsumer, "_deliver"),
-    ]
+Wrapper = tuple[Any, str, Callable[..., None], Callable[..., None] | None]
 
 
-def install(path: Path) -> None:
-    """Wrap the server's functions (`targets`) and write the timestamps to `path` every second."""
+def wrappers() -> list[Wrapper]:
+    """(owner, attribute, on entry, on exit) for every server function a step wraps."""
     from messaging import group_commit, push
     from messaging.broker import bulk
     from messaging.consumers import JsonConsumer
@@ -132,33 +120,41 @@ def install(path: Path) -> None:
         if found:
             mark(FRAME, [found.group(1)])
 
-    _around(JsonConsumer, "receive", frame_in)
-    _around(group_commit.GroupCommitter, "publish", lambda self, publish: mark(QUEUED, _keys(publish.messages)))
-    _around(
-        group_commit.GroupCommitter,
-        "_commit",
-        lambda self, round_, **kw: mark(HOP, _publish_keys(p.publish for p in round_)),
-        lambda self, round_, **kw: mark(BACK, _publish_keys(p.publish for p in round_)),
-    )
-    _around(
-        group_commit,
-        "_run_round_and_close",
-        lambda publishes, *a, **kw: mark(ROUND, _publish_keys(publishes)),
-        lambda publishes, *a, **kw: mark(ROUND_DONE, _publish_keys(publishes)),
-    )
-    _around(
-        bulk,
-        "insert_messages",
-        lambda **kw: mark(STATEMENT, _keys(kw["messages"])),
-        lambda **kw: mark(STATEMENT_DONE, _keys(kw["messages"])),
-    )
-    _around(push, "_settle", lambda handed, outcome: mark(HANDED, _keys(outcome[1]) if outcome else []))
-    _around(
-        JsonConsumer,
-        "_deliver",
-        lambda self, pusher, messages: mark(PUSH, _keys(messages)),
-        lambda self, pusher, messages: mark(PUSHED, _keys(messages)),
-    )
+    def round_keys(round_: Any) -> list[Any]:
+        return _publish_keys(p.publish for p in round_)
+
+    committer = group_commit.GroupCommitter
+    return [
+        (JsonConsumer, "receive", frame_in, None),
+        (committer, "publish", lambda self, publish: mark(QUEUED, _keys(publish.messages)), None),
+        (
+            committer, "_commit",
+            lambda self, round_, **kw: mark(HOP, round_keys(round_)),
+            lambda self, round_, **kw: mark(BACK, round_keys(round_)),
+        ),
+        (
+            group_commit, "_run_round_and_close",
+            lambda publishes, *a, **kw: mark(ROUND, _publish_keys(publishes)),
+            lambda publishes, *a, **kw: mark(ROUND_DONE, _publish_keys(publishes)),
+        ),
+        (
+            bulk, "insert_messages",
+            lambda **kw: mark(STATEMENT, _keys(kw["messages"])),
+            lambda **kw: mark(STATEMENT_DONE, _keys(kw["messages"])),
+        ),
+        (push, "_settle", lambda handed, outcome: mark(HANDED, _keys(outcome[1]) if outcome else []), None),
+        (
+            JsonConsumer, "_deliver",
+            lambda self, pusher, messages: mark(PUSH, _keys(messages)),
+            lambda self, pusher, messages: mark(PUSHED, _keys(messages)),
+        ),
+    ]  # fmt: skip
+
+
+def install(path: Path) -> None:
+    """Put every wrapper in place and write the timestamps to `path` every second."""
+    for owner, name, before, after in wrappers():
+        _around(owner, name, before, after)
     threading.Thread(target=_write_every_second, args=(path,), name="bench-trace", daemon=True).start()
 
 
@@ -185,11 +181,6 @@ def read(path: Path) -> dict[str, dict[str, float]]:
     return messages
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
 def summary(messages: dict[str, dict[str, float]]) -> str:
     """A table: for each step, the ms from the step before it (medians and 90th percentiles
     over the messages that passed both), then the wait behind the previous round."""
@@ -197,15 +188,17 @@ def summary(messages: dict[str, dict[str, float]]) -> str:
     for before, step in GAPS:
         gaps = [(t[step] - t[before]) * 1000 for t in messages.values() if step in t and before in t]
         if gaps:
-            lines.append(f"| {before} → {step} | {len(gaps)} | {_percentile(gaps, 0.5):.3f} | "
-                         f"{_percentile(gaps, 0.9):.3f} |")  # fmt: skip
-    whole = [(t[PUSHED] - t[FRAME]) * 1000 for t in messages.values() if FRAME in t and PUSHED in t]
+            gaps.sort()
+            lines.append(f"| {before} → {step} | {len(gaps)} | {percentile(gaps, 50):.3f} | "
+                         f"{percentile(gaps, 90):.3f} |")  # fmt: skip
+    whole = sorted((t[PUSHED] - t[FRAME]) * 1000 for t in messages.values() if FRAME in t and PUSHED in t)
     if whole:
-        lines.append(f"| **{FRAME} → {PUSHED}** | {len(whole)} | **{_percentile(whole, 0.5):.3f}** | "
-                     f"**{_percentile(whole, 0.9):.3f}** |")  # fmt: skip
-    claimed = sum(1 for t in messages.values() if PUSHED in t and HANDED not in t)
-    lines.append("")
-    lines.append(f"{claimed} of {len(whole)} messages were pushed by a claim of the pusher's own (not handed over).")
+        lines.append(f"| **{FRAME} → {PUSHED}** | {len(whole)} | **{percentile(whole, 50):.3f}** | "
+                     f"**{percentile(whole, 90):.3f}** |")  # fmt: skip
+        claimed = sum(1 for t in messages.values() if PUSHED in t and HANDED not in t)
+        lines.append("")
+        lines.append(f"{claimed} of {len(whole)} messages were pushed by a claim of the pusher's own "
+                     "(not handed over).")  # fmt: skip
     behind, free = waits_behind_previous_round(messages)
     if behind or free:
         share = len(behind) / (len(behind) + len(free))
