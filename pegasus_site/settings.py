@@ -119,7 +119,10 @@ else:
         # prepare_threshold at None, which refuses even an explicit prepare=True; a threshold
         # out of reach keeps automatic preparation off (Django's own cursors bind on the client
         # and never prepare). A prepared statement is still planned at every execution unless
-        # the generic plan is forced; only prepared statements follow plan_cache_mode.
+        # the generic plan is forced. plan_cache_mode applies to every statement bound on the
+        # server (bulk.server_cursor), prepared or not: its generic plan expects ten rows from an
+        # array parameter, so its joins must not compare each row with each other row
+        # (tests/messaging/test_sql_plans.py, docs/performance.md item 26).
         # PEGASUS_DB_PREPARE=0 for a pooler that cannot keep them (PgBouncer in transaction
         # mode before 1.21).
         _options["prepare_threshold"] = 2**31 - 1

@@ -316,10 +316,11 @@ def claim(
     )  # fmt: skip
     params = {"queue": queue_id, "now": now, "limit": limit, "deadline": deadline, "token": token}
     with server_cursor() as cursor:
-        # Not prepared: its generic plan ran 0.36 ms slower than the plan made for the call,
-        # two thirds of what planning costs (receive of 100, server log); a net 0.17 ms was not
-        # worth one plan for every queue's mix of rows (docs/performance.md item 23).
-        cursor.execute(sql, params, binary=True)
+        # Prepared: a statement bound on the server runs on the generic plan whether prepared or
+        # not (plan_cache_mode, pegasus_site/settings.py), so preparing it only saves parsing and
+        # planning it at every call: 0.8-0.9 ms of a claim of 50 or 100 (docs/performance.md,
+        # item 26).
+        cursor.execute(sql, params, binary=True, prepare=True)
         rows = cursor.fetchall()
     if rows and rows[0][0] == -1:
         return None
@@ -331,14 +332,21 @@ def claim(
 # Lock the rows the receipts name (in id order) and ack those whose lease the receipt holds, in
 # ONE statement; it returns every locked row as it was before the ack, which is what the caller
 # decides each receipt's status on (delivery._holds_lease is the same test in Python).
+#
+# Each receipt's token is paired with its row where the row is found, by the primary key. The
+# statement runs on a generic plan (pegasus_site/settings.py), which expects ten rows from the
+# receipts' arrays; matching the tokens to the locked rows in a join of their own made it compare
+# every receipt with every row: a million comparisons, 150 ms, for an ack of 1,000
+# (docs/performance.md, item 26).
 _ACK_SQL = """
 WITH held AS (
-  SELECT id, state, lease_token, transaction_id, visible_at, queue_id FROM {table}
-  WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE
+  SELECT d.id, d.state, d.lease_token, d.transaction_id, d.visible_at, d.queue_id, r.token
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::text[]) AS r(id, token) JOIN {table} AS d ON d.id = r.id
+  ORDER BY d.id FOR UPDATE OF d
 ), acked AS (
   UPDATE {table} AS target SET state = {acked}, visible_at = %(retain_until)s
-  FROM held JOIN unnest(%(ids)s::bigint[], %(tokens)s::text[]) AS r(id, token) ON r.id = held.id
-  WHERE target.id = held.id AND held.state = {leased} AND held.lease_token = r.token
+  FROM held
+  WHERE target.id = held.id AND held.state = {leased} AND held.lease_token = held.token
     AND held.transaction_id IS NULL AND held.visible_at > %(now)s
 )
 SELECT id, state, lease_token, transaction_id, visible_at, queue_id FROM held

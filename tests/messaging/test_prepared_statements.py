@@ -1,4 +1,4 @@
-"""The publish and ack statements are prepared once per connection and run on their generic plan.
+"""The publish, ack and claim statements are prepared once per connection and run on their generic plan.
 
 Planning the publish statement at every call took ~0.5 ms of PostgreSQL's time out of a latency
 round of ~1 ms (docs/performance.md, item 23). Django leaves psycopg's prepare_threshold at None,
@@ -66,7 +66,7 @@ def test_publish_and_ack_statements_are_prepared_once_and_never_planned_again():
     for m in leased:
         assert broker.ack(receipts=[m.receipt]) == ["ok"]
     assert _prepared("WITH held AS") == [(3, 0)]
-    assert _prepared("WITH gate AS") == []  # the claim is planned for each call (bulk.claim says why)
+    assert _prepared("WITH gate AS") == [(1, 0)]  # the claim too (bulk.claim says why)
 
 
 def test_pegasus_db_prepare_0_turns_preparing_off():
