@@ -41,7 +41,7 @@ fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: $(STAMP) ## the full benchmark (~15 min): PostgreSQL, RabbitMQ and Pegasus side by side, into bench/results/
+bench: $(STAMP) ## the full benchmark (5-17 min): PostgreSQL, RabbitMQ and Pegasus side by side, into bench/results/
 	$(PY) -m bench.run
 
 bench-smoke: $(STAMP) ## a seconds-long run of the benchmark (CI)
