@@ -318,7 +318,7 @@ def claim(
     with server_cursor() as cursor:
         # Prepared: a statement bound on the server runs on the generic plan whether prepared or
         # not (plan_cache_mode, pegasus_site/settings.py), so preparing it only saves parsing and
-        # planning it at every call: 0.8-0.9 ms of a claim of 50 or 100 (docs/performance.md,
+        # planning it at every call: 0.8-1.0 ms of a claim of 50 or 100 (docs/performance.md,
         # item 26).
         cursor.execute(sql, params, binary=True, prepare=True)
         rows = cursor.fetchall()
@@ -336,8 +336,8 @@ def claim(
 # Each receipt's token is paired with its row where the row is found, by the primary key. The
 # statement runs on a generic plan (pegasus_site/settings.py), which expects ten rows from the
 # receipts' arrays; matching the tokens to the locked rows in a join of their own made it compare
-# every receipt with every row: a million comparisons, 150 ms, for an ack of 1,000
-# (docs/performance.md, item 26).
+# every receipt with every row: a million comparisons for an ack of 1,000, which took 155 ms
+# (21 ms now; docs/performance.md, item 26).
 _ACK_SQL = """
 WITH held AS (
   SELECT d.id, d.state, d.lease_token, d.transaction_id, d.visible_at, d.queue_id, r.token
