@@ -92,6 +92,22 @@ def test_ack__same_receipt_twice_in_one_call_is_ok_twice(queue_factory, publish)
     assert queries.queue_stats(q)["depth"] == 1
 
 
+@pytest.mark.parametrize("stale_first", [True, False])
+def test_ack__a_stale_and_the_current_receipt_of_one_message_in_one_call(queue_factory, publish, stale_first):
+    """Both name the same row (bulk.ack pairs each receipt with its row): only the lease the
+    current receipt holds is acked, whichever comes first."""
+    q = queue_factory(visibility_timeout_seconds=10)
+    publish(q, "a")
+    [first] = broker.receive(queue=q)
+    clock.advance(11)
+    [second] = broker.receive(queue=q)
+    receipts = [first.receipt, second.receipt] if stale_first else [second.receipt, first.receipt]
+    statuses = ["stale_receipt", "ok"] if stale_first else ["ok", "stale_receipt"]
+    assert broker.ack(receipts=receipts) == statuses
+    assert broker.ack(receipts=[second.receipt]) == ["ok"]  # acked: a repeat answers ok again
+    assert queries.queue_stats(q)["depth"] == 0
+
+
 def test_ack__refused_by_authorize_changes_nothing(queue_factory, publish):
     # On PostgreSQL the ack is written by the same statement that locks the rows, before the
     # authorization check: the refusal must undo it.
