@@ -17,7 +17,7 @@ from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import InterfaceError, OperationalError
 
-from messaging import access, broker
+from messaging import access, broker, jsontext
 from messaging.exceptions import DATABASE_UNAVAILABLE, BrokerError, as_broker_error
 from messaging.push import CLOSE_BAD_FRAME, CLOSE_TOO_LARGE, CLOSE_UNAUTHORIZED, Pusher, live_settings
 from messaging.session import ClosesSessionOnExit, Destination, Session, authenticate, credentials
@@ -209,7 +209,7 @@ class JsonConsumer(ClosesSessionOnExit, AsyncWebsocketConsumer):  # type: ignore
 
     async def _send(self, frame: dict[str, Any]) -> None:
         if not self.closing:
-            await self.send(text_data=json.dumps(frame, separators=(",", ":")))
+            await self.send(text_data=jsontext.dumps(frame))
 
     async def _error(self, corr: Any, exc: BrokerError | OperationalError | InterfaceError) -> None:
         """An operation's error frame (exceptions.as_broker_error: the database away is

@@ -9,15 +9,19 @@ Views never build error JSON.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from typing import Any
 
+import orjson
 from django.core.exceptions import RequestDataTooBig
 from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.renderers import JSONRenderer
+from ninja.responses import NinjaJSONEncoder
 from ninja.security import HttpBearer
 
 from messaging import longpoll, tokens
@@ -68,6 +72,23 @@ COMMON_ERRORS = {
 }  # fmt: skip
 
 
+class FastJSONRenderer(JSONRenderer):
+    """ninja's JSON renderer, written by orjson (ninja's documented ORJSONRenderer pattern): the
+    same JSON, a third of the time for a 100-message receive (0.16 against 0.51 ms,
+    docs/performance.md). Datetimes and whatever orjson does not know go through ninja's own
+    encoder, so timestamps keep Django's format; what orjson cannot write at all (an integer
+    past 64 bits in a message's headers) is written by the standard library, as before."""
+
+    _encoder = NinjaJSONEncoder()
+    _options = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS
+
+    def render(self, request: HttpRequest | None, data: Any, *, response_status: int) -> bytes:
+        try:
+            return orjson.dumps(data, default=self._encoder.default, option=self._options)
+        except orjson.JSONEncodeError:
+            return json.dumps(data, cls=NinjaJSONEncoder).encode()
+
+
 class PegasusAPI(NinjaAPI):
     def get_openapi_schema(self, *args: Any, **kwargs: Any) -> Any:
         schema = super().get_openapi_schema(*args, **kwargs)
@@ -85,6 +106,7 @@ api = PegasusAPI(
     description="Queues and topics over REST. See docs/rest.md; errors are {error: {code, message}}.",
     auth=BearerAuth(),
     urls_namespace="api-v1",
+    renderer=FastJSONRenderer(),
 )
 api.add_router("", router)
 api.add_router("/bridges", bridges_router)

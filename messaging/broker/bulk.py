@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from django.db import connection
 
-from messaging import events, filters
+from messaging import events, filters, jsontext
 from messaging.broker.common import OutgoingMessage, Store
 from messaging.models import Delivery, State, TransientDelivery
 
@@ -192,7 +192,7 @@ def insert_messages(
         ready = routed - Counter(q for queues in lease.rows.values() for q in queues)
     notify = events.payload(ready) if transaction_id is None else ""
     params = {
-        "batch": json.dumps(batch, separators=(",", ":")), "unfiltered": unfiltered, "destination": destination,
+        "batch": jsontext.dumps(batch), "unfiltered": unfiltered, "destination": destination,
         "now": now, "state": state, "transaction": transaction_id, "channel": events.CHANNEL, "notify": notify,
     }  # fmt: skip
     if not leasing:
