@@ -9,7 +9,6 @@ database connection or a thread (messaging/longpoll.py), and reach the database 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Annotated, Any
 
 from django.http import HttpRequest
@@ -189,17 +188,21 @@ async def receive_from_queue(request: HttpRequest, name: Name, payload: ReceiveI
 
 
 async def receive_queue_as(user: Any, name: str, payload: ReceiveIn) -> dict[str, Any]:
-    lookup = partial(access.access_queue, user=user, name=name, action=Action.CONSUME)
+    def lookup(recent_ok: bool) -> Queue:  # a recent row will do: longpoll.receive_from
+        return access.access_queue(user=user, name=name, action=Action.CONSUME, recent_ok=recent_ok)
+
     return await _receive(user, lookup, payload, (Kind.QUEUE, name))
 
 
 async def receive_subscription_as(user: Any, topic: str, name: str, payload: ReceiveIn) -> dict[str, Any]:
-    lookup = partial(access.access_subscription, user=user, topic=topic, name=name, action=Action.CONSUME)
+    def lookup(recent_ok: bool) -> Queue:  # always afresh: subscriptions are not remembered
+        return access.access_subscription(user=user, topic=topic, name=name, action=Action.CONSUME)
+
     return await _receive(user, lookup, payload, (Kind.TOPIC, topic))
 
 
 async def _receive(
-    user: Any, lookup: Callable[[], Queue], payload: ReceiveIn, published_to: tuple[Kind, str]
+    user: Any, lookup: Callable[[bool], Queue], payload: ReceiveIn, published_to: tuple[Kind, str]
 ) -> dict[str, Any]:
     """The answer has `acked` only when the request carried `ack`. Unlike /ack, all-stale acks
     are no error here: the receive's messages still come back, with the statuses beside them."""

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import AsyncToSync, sync_to_async
-from django.db import close_old_connections, connection
+from django.db import IntegrityError, close_old_connections, connection
 
 from messaging import broker, listener, write_behind
+from messaging.broker import destinations
 from messaging.doorbell import doorbell
 from messaging.models import Queue
 
@@ -95,7 +96,7 @@ async def receive(
 
 
 async def receive_from(
-    lookup: Callable[[], Queue],
+    lookup: Callable[[bool], Queue],
     *,
     max_messages: int = 1,
     wait_seconds: float = 0,
@@ -106,23 +107,48 @@ async def receive_from(
     """receive() from the queue `lookup` returns (an access check that fetches it): the lookup
     and the first attempt share ONE hop, which is all a receive from a non-empty queue takes.
     With `ack`, that first attempt acks those receipts in the same commit (broker.ack_and_receive),
-    once: a wait that follows only receives. Returns (ack statuses, messages)."""
+    once: a wait that follows only receives. Returns (ack statuses, messages).
+
+    `lookup(recent_ok)`: with recent_ok, a queue row this process read in the last
+    QUEUE_CACHE_SECONDS will do (broker.get_queue), which spares a receive that finds messages
+    its round trip. A receive that finds none looks again afresh, so a queue deleted meanwhile
+    by another process answers 404 as before (one created again under its name is received
+    from). One whose row was stale in a way the database refuses (its dead-letter queue deleted
+    elsewhere) is rolled back and tried once more on a fresh row, as a publish is
+    (group_commit.run_round). A pause made by another process reaches receives here up to that
+    second later; this process's own changes apply at once."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
     # What this process answered is there to receive (publishes to `published_to`, the queue or
     # the subscription's topic; to anything, when not given).
     await write_behind.WRITER.caught_up(published_to)
 
-    def first() -> tuple[Queue, list[str], list[broker.ReceivedMessage]]:
-        queue = lookup()
+    def attempt(queue: Queue, ack: AckFirst | None) -> tuple[list[str], list[broker.ReceivedMessage]]:
         if ack is None:
-            return queue, [], broker.receive(
+            return [], broker.receive(
                 queue=queue, max_messages=max_messages, visibility_timeout_seconds=visibility_timeout_seconds
             )  # fmt: skip
-        statuses, messages = broker.ack_and_receive(
+        return broker.ack_and_receive(
             receipts=ack.receipts, queue=queue, max_messages=max_messages,
             visibility_timeout_seconds=visibility_timeout_seconds, user=ack.user, authorize=ack.authorize,
         )  # fmt: skip
+
+    def first() -> tuple[Queue, list[str], list[broker.ReceivedMessage]]:
+        queue = lookup(True)
+        try:
+            statuses, messages = attempt(queue, ack)
+        except IntegrityError:
+            if connection.in_atomic_block:  # inside a caller's transaction: nothing to retry on
+                raise
+            destinations.forget_recent_queues()
+            queue = lookup(False)
+            statuses, messages = attempt(queue, ack)
+        else:
+            if not messages:
+                fresh = lookup(False)
+                if fresh.pk != queue.pk:  # deleted and created again elsewhere: receive from the new one
+                    _, messages = attempt(fresh, None)  # the acks are done
+                queue = fresh
         return queue, statuses, messages
 
     queue, statuses, messages = await hop(first)()
