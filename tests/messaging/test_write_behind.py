@@ -134,7 +134,7 @@ async def test_receive__in_this_process_sees_every_publish_answered_before_it(
     queue = await _create_queue("wb-read")
     await _warm(writer, admin, "wb-read")
     ids = [i for n in range(20) for i in await _publish(admin, "wb-read", f"m{n}")]
-    _, received = await longpoll.receive_from(lambda: queue, max_messages=100)
+    _, received = await longpoll.receive_from(lambda recent_ok: queue, max_messages=100)
     assert [m.body for m in received] == ["warm-up", *[f"m{n}" for n in range(20)]]  # all there, in order
     assert [m.id for m in received[1:]] == ids
 
@@ -147,10 +147,10 @@ async def test_receive__waits_only_for_publishes_to_what_it_receives_from(
     gate = _held_back(monkeypatch)
     await _publish(admin, "wb-busy", "pending")  # answered; its round is held back
     _, received = await asyncio.wait_for(
-        longpoll.receive_from(lambda: quiet, published_to=(Kind.QUEUE, "wb-quiet")), 2
+        longpoll.receive_from(lambda recent_ok: quiet, published_to=(Kind.QUEUE, "wb-quiet")), 2
     )  # not held up by wb-busy's backlog
     assert received == []
-    waiting = asyncio.ensure_future(longpoll.receive_from(lambda: busy, published_to=(Kind.QUEUE, "wb-busy")))
+    waiting = asyncio.ensure_future(longpoll.receive_from(lambda recent_ok: busy, published_to=(Kind.QUEUE, "wb-busy")))
     await asyncio.sleep(0.2)
     assert not waiting.done()  # waits for "pending" to be written
     gate.set()
@@ -165,7 +165,7 @@ async def test_publish__keeps_the_order_of_publishes_whether_answered_early_or_n
     monkeypatch.setattr(write_behind, "MAX_BEHIND", 25)  # some are answered early, the rest wait
     bodies = [f"b{n}" for n in range(60)]
     await asyncio.gather(*(_publish(admin, "wb-order", body) for body in bodies))
-    _, received = await longpoll.receive_from(lambda: queue, max_messages=100)
+    _, received = await longpoll.receive_from(lambda recent_ok: queue, max_messages=100)
     assert [m.body for m in received] == bodies
 
 
@@ -189,7 +189,7 @@ async def test_publish__a_later_publish_never_gets_a_smaller_id_than_one_still_w
     gate.set()
     ids = [*await first, *await second]
     assert [int(i[1:]) for i in ids] == sorted(int(i[1:]) for i in ids)
-    _, received = await longpoll.receive_from(lambda: queue, max_messages=10)
+    _, received = await longpoll.receive_from(lambda recent_ok: queue, max_messages=10)
     assert [m.body for m in received] == ["warm-up", "a1", "a2", "b"]
 
 
