@@ -13,7 +13,7 @@ from messaging import jsontext
 @pytest.mark.parametrize(
     "value",
     [
-        {"op": "message", "message": {"body": "caf\u00e9 \u2603 \U0001f600 \"q\" \\ \n\t", "headers": {}, "n": None}},
+        {"op": "message", "message": {"body": 'caf\u00e9 \u2603 \U0001f600 "q" \\ \n\t', "headers": {}, "n": None}},
         [1, -2, 0.1, 1e16, True, False, None, "", [], {}],
         {"corr": 2**70},  # past 64 bits: orjson refuses, the standard library writes it
         {"corr": -(2**64)},
