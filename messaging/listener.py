@@ -6,12 +6,20 @@ transaction commits. One listener per server process turns those notifications i
 `doorbell.ring([12, 34])`, so a long poll or a WebSocket pusher in this process wakes up when a
 message was published through another process.
 
-The listener owns a dedicated psycopg `AsyncConnection` (never a Django connection: Django's
+The listener owns a dedicated psycopg connection (never a Django connection: Django's
 connections are per thread and closed between requests, and a LISTEN lives as long as its
-session). It runs in its own daemon thread with its own event loop, so it does not depend on
-the lifetime of whichever event loop first asked for it (daphne's, or a test's), and can be
-started from sync code too. It sends a `SELECT 1` after every quiet KEEPALIVE_SECONDS, so a dead
-connection is noticed, and reconnects with exponential backoff.
+session). It runs in a daemon thread of its own, which blocks in `select()` on the connection's
+socket and on a socketpair that `stop()` writes to, and reads what arrives with libpq's own
+calls (psycopg.pq); so it does not depend on the lifetime of whichever event loop first asked
+for it (daphne's, or a test's), and can be started from sync code too. After every quiet
+KEEPALIVE_SECONDS it sends a `SELECT 1` and gives it as long again to be answered, so a dead
+connection is noticed, and it reconnects with exponential backoff.
+
+Why not psycopg's `notifies()`: each publishing transaction's notification reaches every
+process, this one's too (which skips it), so the listener wakes once per publishing
+transaction. As an `AsyncConnection` on an event loop in its own thread it took 190-280 us of
+CPU per notification (timers, reader callbacks, the GIL taken on each); blocked in `select()`
+it takes 60-100 us, most of it the thread's wake-up itself (docs/performance.md, item 28).
 
 Notifications are only a doorbell: one may be lost (while reconnecting, say), so every waiter
 also re-checks the database on a timer. A lost notification can delay a receive, never lose a
@@ -24,12 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import socket
 import threading
+import time
 from typing import Any
 
 import psycopg
 from django.db import connections
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
 
 from messaging import events
@@ -81,8 +92,8 @@ class Listener:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._stopping: threading.Event | None = None  # the running thread's
+        self._wake: socket.socket | None = None  # stop() writes to it: the thread stops waiting
         self._conninfo = ""
         self._listening = threading.Event()
         self._ready_waiters: set[asyncio.Future[None]] = set()
@@ -109,13 +120,16 @@ class Listener:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop listening and close the connection (tests; process shutdown)."""
         with self._lock:
-            loop, task, thread = self._loop, self._task, self._thread
-            self._thread = self._loop = self._task = None
-        if loop is not None and task is not None and not loop.is_closed():
+            thread, stopping, wake = self._thread, self._stopping, self._wake
+            self._thread = self._stopping = self._wake = None
+        if stopping is not None:
+            stopping.set()
+        if wake is not None:
             try:
-                loop.call_soon_threadsafe(task.cancel)
-            except RuntimeError:  # the loop closed meanwhile
+                wake.send(b"x")
+            except OSError:  # the thread has ended and closed its end
                 pass
+            wake.close()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         self._listening.clear()
@@ -146,38 +160,42 @@ class Listener:
         return self._thread is not None and self._thread.is_alive()
 
     def _start(self, conninfo: str) -> None:
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(self._main(conninfo))
-        thread = threading.Thread(target=_run_loop, args=(loop, task), name="pegasus-listener", daemon=True)
-        self._loop, self._task, self._thread, self._conninfo = loop, task, thread, conninfo
+        stopping = threading.Event()
+        wake, woken = socket.socketpair()
+        thread = threading.Thread(
+            target=self._main, args=(conninfo, stopping, woken), name="pegasus-listener", daemon=True
+        )
+        self._thread, self._stopping, self._wake, self._conninfo = thread, stopping, wake, conninfo
         thread.start()
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the thread
 
-    async def _main(self, conninfo: str) -> None:
+    def _main(self, conninfo: str, stopping: threading.Event, woken: socket.socket) -> None:
         backoff = FIRST_BACKOFF_SECONDS
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-                    self.backend_pid = conn.info.backend_pid
-                    self._now_listening()
-                    backoff = FIRST_BACKOFF_SECONDS
-                    await self._pump(conn)
-            except (psycopg.Error, OSError, TimeoutError) as exc:
-                log.warning("listener: connection lost (%s); reconnecting in %.1fs", exc, backoff)
-            finally:
-                self._listening.clear()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-
-    async def _pump(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        while True:
-            async for note in conn.notifies(timeout=KEEPALIVE_SECONDS):
-                if not events.sent_here(note.pid):  # ours were rung on commit (events.py)
-                    doorbell.ring(parse_payload(note.payload))
-            # Quiet for a while: prove the connection still works, so a dead one gets replaced.
-            await asyncio.wait_for(conn.execute("SELECT 1"), KEEPALIVE_SECONDS)
+        try:
+            while not stopping.is_set():
+                try:
+                    with psycopg.connect(conninfo, autocommit=True) as conn:
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                        self.backend_pid = conn.info.backend_pid
+                        self._now_listening()
+                        backoff = FIRST_BACKOFF_SECONDS
+                        _pump(conn.pgconn, woken)
+                except _Stopped:
+                    return
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    if stopping.is_set():
+                        return
+                    log.warning("listener: connection lost (%s); reconnecting in %.1fs", exc, backoff)
+                finally:
+                    self._listening.clear()
+                if stopping.wait(backoff):
+                    return
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+        except Exception:  # pragma: no cover - the loop above ends only when stopped
+            log.exception("listener: stopped unexpectedly")
+        finally:
+            woken.close()
 
     def _now_listening(self) -> None:
         self.connections_made += 1
@@ -190,17 +208,49 @@ class Listener:
                 loop.call_soon_threadsafe(_resolve, future)
 
 
-def _run_loop(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(task)
-    except asyncio.CancelledError:
-        pass  # stopped
-    except Exception:  # pragma: no cover - _main only ends by cancellation
-        log.exception("listener: stopped unexpectedly")
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+class _Stopped(Exception):
+    """stop() was called."""
+
+
+def _pump(pgconn: pq.abc.PGconn, woken: socket.socket) -> None:
+    """Ring the doorbell for every notification that arrives, until stop() (raises _Stopped) or
+    the connection fails (raises psycopg.Error, OSError or TimeoutError)."""
+    while True:
+        if _wait_readable(pgconn, woken, KEEPALIVE_SECONDS):
+            _read(pgconn)
+        else:  # quiet for a while: prove the connection still works, so a dead one gets replaced
+            _keepalive(pgconn, woken)
+
+
+def _wait_readable(pgconn: pq.abc.PGconn, woken: socket.socket, seconds: float) -> bool:
+    readable, _, _ = select.select([pgconn.socket, woken.fileno()], [], [], max(seconds, 0.0))
+    if woken.fileno() in readable:
+        raise _Stopped
+    return bool(readable)
+
+
+def _read(pgconn: pq.abc.PGconn) -> None:
+    pgconn.consume_input()  # raises OperationalError once the connection is gone
+    while (note := pgconn.notifies()) is not None:
+        if not events.sent_here(note.be_pid):  # ours were rung on commit (events.py)
+            doorbell.ring(parse_payload(note.extra.decode()))
+
+
+def _keepalive(pgconn: pq.abc.PGconn, woken: socket.socket) -> None:
+    """SELECT 1, answered within KEEPALIVE_SECONDS or TimeoutError; notifications that arrive
+    meanwhile are rung as usual."""
+    deadline = time.monotonic() + KEEPALIVE_SECONDS
+    pgconn.send_query(b"SELECT 1")
+    while pgconn.flush():  # not all sent yet (psycopg's connections are non-blocking)
+        if not select.select([], [pgconn.socket], [], max(deadline - time.monotonic(), 0.0))[1]:
+            raise TimeoutError("keepalive not sent")
+    while pgconn.is_busy():
+        if not _wait_readable(pgconn, woken, deadline - time.monotonic()):
+            raise TimeoutError("keepalive not answered")
+        _read(pgconn)
+    while (result := pgconn.get_result()) is not None:
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            raise psycopg.OperationalError("keepalive failed")
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -124,3 +124,49 @@ async def test_listener__skips_what_this_process_sent_but_rings_for_others():
     await asyncio.sleep(0)
     await database_sync_to_async(_notify)("616162")
     assert await other
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_stop__is_prompt_while_waiting():
+    """stop() wakes the thread blocked in select() at once, not at its next keepalive."""
+    listener.ensure_started()
+    assert asyncio.run(listener.wait_listening(10))
+    thread = listener.listener._thread
+    assert thread is not None
+    started = time.monotonic()
+    listener.stop()
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+async def test_keepalive__a_quiet_connection_stays_and_still_rings(monkeypatch: pytest.MonkeyPatch):
+    """After each quiet KEEPALIVE_SECONDS the listener sends SELECT 1 on its own connection,
+    and keeps listening on it: no reconnect, and a notification afterwards still rings."""
+    monkeypatch.setattr(listener, "KEEPALIVE_SECONDS", 0.1)
+    listener.ensure_started()
+    assert await listener.wait_listening(10)
+    before = listener.listener.connections_made
+    pid = listener.listener.backend_pid
+    await asyncio.sleep(0.2)
+    for _ in range(100):  # the keepalive shows in pg_stat_activity as the session's last query
+        if await database_sync_to_async(_last_query)(pid) == "SELECT 1":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("no keepalive seen")
+    await asyncio.sleep(0.5)  # a few more keepalives
+    assert listener.listener.connections_made == before and listener.listener.is_listening
+    waiter = asyncio.ensure_future(doorbell.wait([717171], timeout=10))
+    await asyncio.sleep(0)
+    await database_sync_to_async(_notify)("717171")
+    assert await waiter
+
+
+def _last_query(pid: int | None) -> str | None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid])
+        row = cursor.fetchone()
+    return row[0] if row else None
