@@ -8,7 +8,7 @@ message was published through another process.
 
 The listener owns a dedicated psycopg connection (never a Django connection: Django's
 connections are per thread and closed between requests, and a LISTEN lives as long as its
-session). It runs in a daemon thread of its own, which blocks in `select()` on the connection's
+session). It runs in a daemon thread of its own, which waits in `poll()` on the connection's
 socket and on a socketpair that `stop()` writes to, and reads what arrives with libpq's own
 calls (psycopg.pq); so it does not depend on the lifetime of whichever event loop first asked
 for it (daphne's, or a test's), and can be started from sync code too. After every quiet
@@ -18,8 +18,8 @@ connection is noticed, and it reconnects with exponential backoff.
 Why not psycopg's `notifies()`: each publishing transaction's notification reaches every
 process, this one's too (which skips it), so the listener wakes once per publishing
 transaction. As an `AsyncConnection` on an event loop in its own thread it took 190-280 us of
-CPU per notification (timers, reader callbacks, the GIL taken on each); blocked in `select()`
-it takes 60-100 us, most of it the thread's wake-up itself (docs/performance.md, item 28).
+CPU per notification (timers, reader callbacks, the GIL taken on each); blocked in `poll()`
+it takes 60-115 us, most of it the thread's wake-up itself (docs/performance.md, item 28).
 
 Notifications are only a doorbell: one may be lost (while reconnecting, say), so every waiter
 also re-checks the database on a timer. A lost notification can delay a receive, never lose a
@@ -180,7 +180,7 @@ class Listener:
                         self.backend_pid = conn.info.backend_pid
                         self._now_listening()
                         backoff = FIRST_BACKOFF_SECONDS
-                        _pump(conn.pgconn, woken)
+                        _Pump(conn.pgconn, woken).run()
                 except _Stopped:
                     return
                 except (psycopg.Error, OSError, TimeoutError) as exc:
@@ -212,45 +212,59 @@ class _Stopped(Exception):
     """stop() was called."""
 
 
-def _pump(pgconn: pq.abc.PGconn, woken: socket.socket) -> None:
-    """Ring the doorbell for every notification that arrives, until stop() (raises _Stopped) or
-    the connection fails (raises psycopg.Error, OSError or TimeoutError)."""
-    while True:
-        if _wait_readable(pgconn, woken, KEEPALIVE_SECONDS):
-            _read(pgconn)
-        else:  # quiet for a while: prove the connection still works, so a dead one gets replaced
-            _keepalive(pgconn, woken)
+class _Pump:
+    """Ring the doorbell for every notification on one LISTEN connection, until stop() (raises
+    _Stopped) or the connection fails (raises psycopg.Error, OSError or TimeoutError).
 
+    It waits with poll(), not select(): a server holding a thousand WebSocket connections may
+    give a listener that reconnects a descriptor past select()'s limit (FD_SETSIZE, 1024)."""
 
-def _wait_readable(pgconn: pq.abc.PGconn, woken: socket.socket, seconds: float) -> bool:
-    readable, _, _ = select.select([pgconn.socket, woken.fileno()], [], [], max(seconds, 0.0))
-    if woken.fileno() in readable:
-        raise _Stopped
-    return bool(readable)
+    def __init__(self, pgconn: pq.abc.PGconn, woken: socket.socket) -> None:
+        self.pgconn = pgconn
+        self.socket = pgconn.socket
+        self.woken = woken.fileno()
+        self.poller = select.poll()
+        self.poller.register(self.socket, select.POLLIN)
+        self.poller.register(self.woken, select.POLLIN)
 
+    def run(self) -> None:
+        while True:
+            if self._wait(KEEPALIVE_SECONDS):
+                self._read()
+            else:  # quiet for a while: prove the connection still works, so a dead one gets replaced
+                self._keepalive()
 
-def _read(pgconn: pq.abc.PGconn) -> None:
-    pgconn.consume_input()  # raises OperationalError once the connection is gone
-    while (note := pgconn.notifies()) is not None:
-        if not events.sent_here(note.be_pid):  # ours were rung on commit (events.py)
-            doorbell.ring(parse_payload(note.extra.decode()))
+    def _wait(self, seconds: float) -> bool:
+        """Until the connection has something to read, or has failed (True: reading tells
+        which), or `seconds` have passed (False)."""
+        ready = self.poller.poll(max(seconds, 0.0) * 1000)
+        if any(fd == self.woken for fd, _ in ready):
+            raise _Stopped
+        return bool(ready)
 
+    def _read(self) -> None:
+        self.pgconn.consume_input()  # raises OperationalError once the connection is gone
+        while (note := self.pgconn.notifies()) is not None:
+            if not events.sent_here(note.be_pid):  # ours were rung on commit (events.py)
+                doorbell.ring(parse_payload(note.extra.decode()))
 
-def _keepalive(pgconn: pq.abc.PGconn, woken: socket.socket) -> None:
-    """SELECT 1, answered within KEEPALIVE_SECONDS or TimeoutError; notifications that arrive
-    meanwhile are rung as usual."""
-    deadline = time.monotonic() + KEEPALIVE_SECONDS
-    pgconn.send_query(b"SELECT 1")
-    while pgconn.flush():  # not all sent yet (psycopg's connections are non-blocking)
-        if not select.select([], [pgconn.socket], [], max(deadline - time.monotonic(), 0.0))[1]:
-            raise TimeoutError("keepalive not sent")
-    while pgconn.is_busy():
-        if not _wait_readable(pgconn, woken, deadline - time.monotonic()):
-            raise TimeoutError("keepalive not answered")
-        _read(pgconn)
-    while (result := pgconn.get_result()) is not None:
-        if result.status != pq.ExecStatus.TUPLES_OK:
-            raise psycopg.OperationalError("keepalive failed")
+    def _keepalive(self) -> None:
+        """SELECT 1, answered within KEEPALIVE_SECONDS or TimeoutError; notifications that
+        arrive meanwhile are rung as usual."""
+        deadline = time.monotonic() + KEEPALIVE_SECONDS
+        self.pgconn.send_query(b"SELECT 1")
+        while self.pgconn.flush():  # not all sent yet (psycopg's connections are non-blocking)
+            writable = select.poll()
+            writable.register(self.socket, select.POLLOUT)
+            if not writable.poll(max(deadline - time.monotonic(), 0.0) * 1000):
+                raise TimeoutError("keepalive not sent")
+        while self.pgconn.is_busy():
+            if not self._wait(deadline - time.monotonic()):
+                raise TimeoutError("keepalive not answered")
+            self._read()
+        while (result := self.pgconn.get_result()) is not None:
+            if result.status != pq.ExecStatus.TUPLES_OK:
+                raise psycopg.OperationalError("keepalive failed")
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import time
 
 import pytest
@@ -170,3 +172,30 @@ def _last_query(pid: int | None) -> str | None:
         cursor.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid])
         row = cursor.fetchone()
     return row[0] if row else None
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+async def test_listener__rings_when_its_socket_is_past_1024():
+    """A long-running server may hold a thousand sockets when its listener (re)connects: the
+    listener waits with poll(), which select()'s FD_SETSIZE limit (1024) does not bind."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 1300:
+        pytest.skip(f"this process may open only {soft} files")
+    base = os.open(os.devnull, os.O_RDONLY)
+    filler = [os.dup(base) for _ in range(1100)]  # descriptors are given lowest first
+    try:
+        probe = os.dup(base)
+        os.close(probe)
+        assert probe > 1024  # so the listener's new socket will be past it too
+        listener.stop()
+        listener.ensure_started()
+        assert await listener.wait_listening(10)
+        waiter = asyncio.ensure_future(doorbell.wait([818181], timeout=10))
+        await asyncio.sleep(0)
+        await database_sync_to_async(_notify)("818181")
+        assert await waiter
+    finally:
+        listener.stop()
+        for fd in (base, *filler):
+            os.close(fd)
