@@ -109,6 +109,7 @@ def test_take_round__a_full_round_leaves_the_rest_in_order():
 
 async def test_rounds__ordered_publishes_never_overlap(monkeypatch, admin):
     """Up to MAX_ROUNDS_IN_FLIGHT rounds run at once, but never two holding ordered publishes."""
+    monkeypatch.setattr(group_commit, "MAX_ROUNDS_IN_FLIGHT", 2)  # the default is 1; 2 may be set
     running: list[bool] = []
     overlaps: list[int] = []
     in_flight: list[int] = []
