@@ -64,7 +64,8 @@ class _Pending:
 # publishes commit in order. One is the default since 2026-12-07: two round threads busy at
 # once take the GIL from the event loop, and one message per request from 8 clients ran at
 # 1,236 msg/s on average with one against 989 with two, in six alternating pairs
-# (docs/performance.md, item 29); with one, a round simply gathers what arrives meanwhile.
+# (docs/performance.md, item 29); with one, a round simply gathers what arrives meanwhile. A
+# database several milliseconds away may still gain from 2 (not measured).
 MAX_ROUNDS_IN_FLIGHT = int(os.environ.get("PEGASUS_GROUP_COMMIT_ROUNDS", "1"))
 
 
