@@ -191,18 +191,23 @@ async def receive_queue_as(user: Any, name: str, payload: ReceiveIn) -> dict[str
     def lookup(recent_ok: bool) -> Queue:  # a recent row will do: longpoll.receive_from
         return access.access_queue(user=user, name=name, action=Action.CONSUME, recent_ok=recent_ok)
 
-    return await _receive(user, lookup, payload, (Kind.QUEUE, name))
+    return await _receive(user, lookup, payload, (Kind.QUEUE, name), recent_rows=True)
 
 
 async def receive_subscription_as(user: Any, topic: str, name: str, payload: ReceiveIn) -> dict[str, Any]:
     def lookup(recent_ok: bool) -> Queue:  # always afresh: subscriptions are not remembered
         return access.access_subscription(user=user, topic=topic, name=name, action=Action.CONSUME)
 
-    return await _receive(user, lookup, payload, (Kind.TOPIC, topic))
+    return await _receive(user, lookup, payload, (Kind.TOPIC, topic), recent_rows=False)
 
 
 async def _receive(
-    user: Any, lookup: Callable[[bool], Queue], payload: ReceiveIn, published_to: tuple[Kind, str]
+    user: Any,
+    lookup: Callable[[bool], Queue],
+    payload: ReceiveIn,
+    published_to: tuple[Kind, str],
+    *,
+    recent_rows: bool,
 ) -> dict[str, Any]:
     """The answer has `acked` only when the request carried `ack`. Unlike /ack, all-stale acks
     are no error here: the receive's messages still come back, with the statuses beside them."""
@@ -214,6 +219,7 @@ async def _receive(
         visibility_timeout_seconds=payload.visibility_timeout_seconds,
         ack=ack,
         published_to=published_to,
+        recent_rows=recent_rows,
     )
     if payload.ack is None:
         return {"messages": messages}

@@ -103,38 +103,41 @@ async def receive_from(
     visibility_timeout_seconds: int | None = None,
     ack: AckFirst | None = None,
     published_to: write_behind.Destination | None = None,
+    recent_rows: bool = False,
 ) -> tuple[list[str], list[broker.ReceivedMessage]]:
     """receive() from the queue `lookup` returns (an access check that fetches it): the lookup
     and the first attempt share ONE hop, which is all a receive from a non-empty queue takes.
     With `ack`, that first attempt acks those receipts in the same commit (broker.ack_and_receive),
     once: a wait that follows only receives. Returns (ack statuses, messages).
 
-    `lookup(recent_ok)`: with recent_ok, a queue row this process read in the last
-    QUEUE_CACHE_SECONDS will do (broker.get_queue), which spares a receive that finds messages
-    its round trip. A receive that finds none looks again afresh, so a queue deleted meanwhile
-    by another process answers 404 as before (one created again under its name is received
-    from). One whose row was stale in a way the database refuses (its dead-letter queue deleted
-    elsewhere) is rolled back and tried once more on a fresh row, as a publish is
-    (group_commit.run_round). A pause made by another process reaches receives here up to that
-    second later; this process's own changes apply at once."""
+    `lookup(recent_ok)`: with `recent_rows`, the first lookup passes recent_ok, and a queue row
+    this process read in the last QUEUE_CACHE_SECONDS will do (broker.get_queue), which spares a
+    receive that finds messages its round trip. A receive that finds none then looks again
+    afresh, so a queue deleted meanwhile by another process answers 404 as before (one created
+    again under its name is received from). One whose row was stale in a way the database
+    refuses (its dead-letter queue deleted elsewhere) is rolled back and tried once more on a
+    fresh row, as a publish is (group_commit.run_round). A pause made by another process reaches
+    receives here up to that second later; this process's own changes apply at once."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
     # What this process answered is there to receive (publishes to `published_to`, the queue or
     # the subscription's topic; to anything, when not given).
     await write_behind.WRITER.caught_up(published_to)
 
-    def attempt(queue: Queue, ack: AckFirst | None) -> tuple[list[str], list[broker.ReceivedMessage]]:
-        if ack is None:
+    def attempt(queue: Queue, acking: AckFirst | None) -> tuple[list[str], list[broker.ReceivedMessage]]:
+        if acking is None:
             return [], broker.receive(
                 queue=queue, max_messages=max_messages, visibility_timeout_seconds=visibility_timeout_seconds
             )  # fmt: skip
         return broker.ack_and_receive(
-            receipts=ack.receipts, queue=queue, max_messages=max_messages,
-            visibility_timeout_seconds=visibility_timeout_seconds, user=ack.user, authorize=ack.authorize,
+            receipts=acking.receipts, queue=queue, max_messages=max_messages,
+            visibility_timeout_seconds=visibility_timeout_seconds, user=acking.user, authorize=acking.authorize,
         )  # fmt: skip
 
     def first() -> tuple[Queue, list[str], list[broker.ReceivedMessage]]:
-        queue = lookup(True)
+        queue = lookup(recent_rows)
+        if not recent_rows:
+            return queue, *attempt(queue, ack)
         try:
             statuses, messages = attempt(queue, ack)
         except IntegrityError:

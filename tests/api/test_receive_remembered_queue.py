@@ -21,6 +21,7 @@ from tests.api.conftest import Api, error_code
 pytestmark = pytest.mark.django_db(transaction=True)
 
 QUEUE_BY_NAME = "topic_id IS NULL AND name ="  # broker.get_queue's lookup
+SUBSCRIPTION_BY_NAME = 'INNER JOIN "messaging_topic"'  # broker.get_subscription's
 
 
 def _remember(queue: Any) -> None:
@@ -81,3 +82,13 @@ def test_a_dead_letter_queue_deleted_elsewhere__the_receive_is_tried_again_on_a_
     assert r.status_code == 200 and r.json()["messages"] == []
     row = Delivery.objects.get(queue=source)
     assert row.state == State.DEAD and row.dead_letter_reason
+
+
+def test_an_empty_subscription_receive_looks_the_subscription_up_once(admin_api: Api):
+    """Subscriptions are not remembered, so there is nothing to look up again afresh."""
+    topic, _ = broker.create_topic(name="news")
+    broker.create_subscription(topic=topic, name="s")
+    with CaptureQueriesContext(connection) as queries:
+        r = admin_api.post("/topics/news/subscriptions/s/receive", {})
+    assert r.status_code == 200 and r.json()["messages"] == []
+    assert len([q for q in queries if SUBSCRIPTION_BY_NAME in q["sql"]]) == 1
