@@ -131,7 +131,7 @@ async def test_listener__skips_what_this_process_sent_but_rings_for_others():
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_stop__is_prompt_while_waiting():
-    """stop() wakes the thread blocked in select() at once, not at its next keepalive."""
+    """stop() wakes the thread waiting in poll() at once, not at its next keepalive."""
     listener.ensure_started()
     assert asyncio.run(listener.wait_listening(10))
     thread = listener.listener._thread
