@@ -14,7 +14,8 @@ bench.pegasus.publish_for and paced_latencies) drive it as they drive Pegasus:
 - latency at 500 msg/s: the app relays each frame of a /publisher WebSocket to every /consumer
   and confirms it to the publisher, committing its message first under /durable/; the same
   relay as a Django Channels consumer (bench/channels_relay.py), the stack Pegasus's live
-  consumers run on.
+  consumers run on; and under /threaded/, committing on a thread of its own with a synchronous
+  connection, as Pegasus's group-commit round does: what that design costs by itself.
 
 A commit is one INSERT statement of a message row and a delivery row per message into copies
 of Pegasus's tables (bench.baselines: the same columns and indexes, the delivery's deferred
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import socket
@@ -61,6 +63,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 DURABLE = "/durable/"
 # Under /grouped/, a one-message publish is committed with those of concurrent requests.
 GROUPED = "/grouped/"
+# Under /threaded/, the relay commits as under /durable/, but on a thread of its own with a
+# synchronous connection, as Pegasus's group-commit round does (messaging/group_commit.py): the
+# latency floor of that design, without anything else Pegasus does.
+THREADED = "/threaded/"
 INSERT_BATCH = f"""
 WITH m AS (
   INSERT INTO bench_message ({baselines.MSG_COLS})
@@ -81,6 +87,23 @@ async def database() -> psycopg.AsyncConnection[Any]:
     if _database is None:
         _database = await psycopg.AsyncConnection.connect(bench_url(), autocommit=True)
     return _database
+
+
+_commit_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-commit")
+_thread_database: psycopg.Connection[Any] | None = None
+
+
+def commit_here(bodies: list[str]) -> list[int]:
+    """`commit`, synchronously, on the one connection of the thread that calls it."""
+    global _thread_database
+    if _thread_database is None:
+        _thread_database = psycopg.Connection.connect(bench_url(), autocommit=True)
+    return [row[0] for row in _thread_database.execute(INSERT_BATCH, (bodies,), prepare=True).fetchall()]
+
+
+async def commit_on_thread(bodies: list[str]) -> list[int]:
+    """`commit` on the relay's commit thread, the event loop waiting for it."""
+    return await asyncio.get_running_loop().run_in_executor(_commit_thread, commit_here, bodies)
 
 
 async def commit(bodies: list[str], connection: psycopg.AsyncConnection[Any] | None = None) -> list[int]:
@@ -167,8 +190,11 @@ async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     await receive()  # websocket.connect
     consumer = scope["path"].endswith("/consumer")
     durable = scope["path"].startswith(DURABLE)
+    threaded = scope["path"].startswith(THREADED)
     if durable:
         await database()
+    if threaded:
+        await commit_on_thread([])  # opens the thread's connection before the first message
     await send({"type": "websocket.accept"})
     if consumer:
         _consumers.append(send)
@@ -177,7 +203,8 @@ async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
             if consumer:
                 continue
             frame = json.loads(event["text"])
-            ids = await commit([frame["messages"][0]["body"]]) if durable else [1]
+            bodies = [frame["messages"][0]["body"]]
+            ids = await commit(bodies) if durable else await commit_on_thread(bodies) if threaded else [1]
             pushed, confirm = pushed_and_confirm(frame, ids[0])
             for deliver in _consumers:
                 await deliver({"type": "websocket.send", "text": pushed})
@@ -260,20 +287,22 @@ def _best_rate(
     return best
 
 
-def relay_floor(scale: Scale, *, app: str = BARE_APP, durable: bool = True) -> Result:
+def relay_floor(scale: Scale, *, app: str = BARE_APP, durable: bool = True, threaded: bool = False) -> Result:
     """The latency stage's loop against a relay that (`durable`) commits each message before
-    it pushes and confirms it: the best p50 and the best p99 of the runs, and the server's
-    share of a core."""
+    it pushes and confirms it, on the event loop or (`threaded`, the bare app only) on a thread
+    of its own: the best p50 and the best p99 of the runs, and the server's share of a core."""
     runs: list[tuple[float, float, float]] = []  # p50, p99, share of a core
+    prefix = THREADED if threaded else DURABLE if durable else "/"
     with serve(app) as (port, pid):
         for _ in range(scale.floor_runs):
-            if durable:
+            if durable or threaded:
                 baselines.truncate_raw_tables()
-            stage = relay_latency(port, scale.latency_rate, scale.latency_seconds, DURABLE if durable else "/")
-            ms, cpu = with_cpu_share(pid, stage)
+            ms, cpu = with_cpu_share(pid, relay_latency(port, scale.latency_rate, scale.latency_seconds, prefix))
             runs.append((percentile(ms, 50), percentile(ms, 99), cpu * 100))
     name = report.FLOOR_RELAY if app == CHANNELS_APP else report.FLOOR_ASGI_RELAY
-    if not durable:
+    if threaded:
+        name = report.FLOOR_THREADED_RELAY
+    elif not durable:
         name = name.replace("commit each message", "no commit")
     extra = {
         "p50_ms": min(r[0] for r in runs), "p99_ms": min(r[1] for r in runs),
@@ -338,6 +367,7 @@ def main() -> None:
             lambda: batch_floor(scale),
             lambda: relay_floor(scale),
             lambda: relay_floor(scale, app=CHANNELS_APP),
+            lambda: relay_floor(scale, threaded=True),
         ]
     else:
         print("durable floors skipped: run `make bench` first (it leaves the database they write to)")

@@ -120,6 +120,11 @@ def stages(peg: pegasus.Pegasus, scale: Scale, results: list[Result]) -> list[St
             "floor: latency, channels relay",
             lambda: asyncio.to_thread(floors.relay_floor, scale, app=floors.CHANNELS_APP),
         ),
+        # What committing on a thread, as Pegasus's round does, costs a relay by itself.
+        (
+            "floor: latency, ASGI relay, commit on a thread",
+            lambda: asyncio.to_thread(floors.relay_floor, scale, threaded=True),
+        ),
         ("floor: 1 per request, no commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=False)),
         ("floor: 1 per request, group commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=True)),
         ("floor: batch 100", lambda: asyncio.to_thread(floors.batch_floor, scale)),
