@@ -11,6 +11,7 @@ import asyncio
 import threading
 from collections import defaultdict
 from collections.abc import Collection, Iterable
+from typing import Any
 
 
 class Doorbell:
@@ -79,35 +80,56 @@ class Listener:
         self.queue_ids = queue_ids
         self._bell = bell
         self._loop = loop
-        self._event = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # the wait in progress, on the loop
         self._rung = False  # set by any thread; a wake-up is scheduled only on its first ring
 
     def _ring(self) -> None:
         if not self._rung:
             self._rung = True
             if not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._event.set)
+                self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter)
 
     def clear(self) -> None:
         """Forget earlier rings: call before looking at the database. (A wake-up already on its
         way may still arrive: at worst one look too many, never one too few.)"""
         self._rung = False
-        self._event.clear()
 
     @property
     def rung(self) -> bool:
         """Rung since the last clear()?"""
         return self._rung
 
-    async def wait(self, timeout: float) -> bool:
-        """Until rung since the last clear() (True) or `timeout` passes (False)."""
+    async def wait(self, timeout: float, unless: asyncio.Future[Any] | None = None) -> bool:
+        """Until rung since the last clear() (True), `timeout` passes or `unless` is done (False).
+
+        One future and a timer, no task: a pusher waits once per message it is handed, and a
+        task racing the hand-off with asyncio.wait cost two tasks and a handful of loop callbacks
+        each time (docs/performance.md, item 30)."""
         if self._rung:
             return True
+        if unless is not None and unless.done():
+            return False
+        woken: asyncio.Future[None] = self._loop.create_future()
+
+        def wake(_: object = None) -> None:
+            _resolve(woken)
+
+        self._waiter = woken
+        timer = self._loop.call_later(timeout, wake)
+        if unless is not None:
+            unless.add_done_callback(wake)
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-            return True
-        except TimeoutError:
-            return self._rung
+            await woken
+        finally:
+            self._waiter = None
+            timer.cancel()
+            if unless is not None:
+                unless.remove_done_callback(wake)
+        return self._rung
 
     def close(self) -> None:
         self._bell._forget(self)

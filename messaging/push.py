@@ -286,7 +286,7 @@ class Pusher:
             self._stale = stale
             _TAKEABLE.setdefault(self.queue.pk, {})[self] = None
         try:
-            await _first(self._bell.wait(STALE_WAIT_SECONDS if stale else self._recheck), handed)
+            await self._bell.wait(STALE_WAIT_SECONDS if stale else self._recheck, unless=handed)
             if not handed.done() and self._untake():
                 return True  # rung or timed out, and nobody took us
             outcome = await asyncio.shield(handed)  # taken: wait for that transaction to end
@@ -397,17 +397,6 @@ STALE_WAIT_SECONDS = 0.005
 _TAKEABLE: dict[int, dict[Pusher, None]] = {}
 _TAKEABLE_LOCK = threading.Lock()
 _claiming = threading.local()  # set while a pusher's own claim runs in this thread
-
-
-async def _first(bell: Awaitable[bool], handed: asyncio.Future[Any]) -> bool:
-    """Wait for the doorbell or a hand-off; True if the doorbell rang."""
-    ring = asyncio.ensure_future(bell)
-    try:
-        await asyncio.wait([ring, handed], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not ring.done():
-            ring.cancel()
-    return ring.done() and not ring.cancelled() and ring.result()
 
 
 def _claim_in_thread(**kwargs: Any) -> tuple[list[str], list[broker.ReceivedMessage]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -133,3 +134,27 @@ async def test_rounds__ordered_publishes_never_overlap(monkeypatch, admin):
     await asyncio.gather(*(committer.publish(p) for p in publishes))
     assert max(overlaps) <= 1  # at most one round with ordered publishes at any moment
     assert max(in_flight) == group_commit.MAX_ROUNDS_IN_FLIGHT  # but rounds did run side by side
+
+
+async def test_publish__a_caller_that_goes_away_does_not_stop_its_round(monkeypatch, admin):
+    """A publisher cancelled while its round is in flight: the round still commits, its own
+    message included, and the publish after it is answered."""
+    await database_sync_to_async(broker.create_queue)(name="gc-gone")
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    real = broker.publish_many
+
+    def slow(*, requests):
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(0.2)  # the round is in the database while its caller goes away
+        return real(requests=requests)
+
+    monkeypatch.setattr(broker, "publish_many", slow)
+    gone = asyncio.ensure_future(_publish("gc-gone", "gone", admin))
+    await started.wait()
+    stays = asyncio.ensure_future(_publish("gc-gone", "stays", admin))  # the next round
+    gone.cancel()
+    assert isinstance((await asyncio.gather(gone, return_exceptions=True))[0], asyncio.CancelledError)
+    assert len(await stays) == 1
+    bodies = await database_sync_to_async(lambda: sorted(Message.objects.values_list("body", flat=True)))()
+    assert bodies == ["gone", "stays"]
