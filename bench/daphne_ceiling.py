@@ -14,8 +14,9 @@ bench.pegasus.publish_for and paced_latencies) drive it as they drive Pegasus:
 - latency at 500 msg/s: the app relays each frame of a /publisher WebSocket to every /consumer
   and confirms it to the publisher, committing its message first under /durable/; the same
   relay as a Django Channels consumer (bench/channels_relay.py), the stack Pegasus's live
-  consumers run on; and under /threaded/, committing on a thread of its own with a synchronous
-  connection, as Pegasus's group-commit round does: what that design costs by itself.
+  consumers run on; and under /threaded/, group-committing on a thread of its own with a
+  synchronous connection while it reads on, as Pegasus commits a WebSocket publish: what that
+  design costs by itself.
 
 A commit is one INSERT statement of a message row and a delivery row per message into copies
 of Pegasus's tables (bench.baselines: the same columns and indexes, the delivery's deferred
@@ -63,9 +64,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 DURABLE = "/durable/"
 # Under /grouped/, a one-message publish is committed with those of concurrent requests.
 GROUPED = "/grouped/"
-# Under /threaded/, the relay commits as under /durable/, but on a thread of its own with a
-# synchronous connection, as Pegasus's group-commit round does (messaging/group_commit.py): the
-# latency floor of that design, without anything else Pegasus does.
+# Under /threaded/, the relay commits as Pegasus's WebSocket publishes are (messaging/consumers.py,
+# messaging/group_commit.py): it goes on reading frames while publishes commit, in rounds of
+# whatever arrived meanwhile, one round in flight, each on a thread of its own with a synchronous
+# connection; each message is pushed and confirmed when its round returns. The latency floor of
+# that design, without anything else Pegasus does.
 THREADED = "/threaded/"
 INSERT_BATCH = f"""
 WITH m AS (
@@ -104,6 +107,40 @@ def commit_here(bodies: list[str]) -> list[int]:
 async def commit_on_thread(bodies: list[str]) -> list[int]:
     """`commit` on the relay's commit thread, the event loop waiting for it."""
     return await asyncio.get_running_loop().run_in_executor(_commit_thread, commit_here, bodies)
+
+
+class ThreadedGroupCommit:
+    """Bodies that arrive while a round commits go together in the next round, on the commit
+    thread: one round in flight, as messaging/group_commit.py has by default."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, asyncio.Future[int]]] = []
+        self._rounds: asyncio.Future[None] | None = None
+
+    async def commit(self, body: str) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((body, future))
+        if self._rounds is None:
+            self._rounds = asyncio.ensure_future(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                round_, self._pending = self._pending, []
+                try:
+                    ids = await commit_on_thread([body for body, _ in round_])
+                except Exception as exc:  # every publish of the round fails
+                    for _, future in round_:
+                        future.set_exception(exc)
+                    continue
+                for (_, future), id_ in zip(round_, ids, strict=True):
+                    future.set_result(id_)
+        finally:
+            self._rounds = None
+
+
+_threaded = ThreadedGroupCommit()
 
 
 async def commit(bodies: list[str], connection: psycopg.AsyncConnection[Any] | None = None) -> list[int]:
@@ -198,20 +235,33 @@ async def _relay(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     await send({"type": "websocket.accept"})
     if consumer:
         _consumers.append(send)
+    in_flight: set[asyncio.Future[None]] = set()  # /threaded/: publishes awaiting their round
     try:
         while (event := await receive())["type"] == "websocket.receive":
             if consumer:
                 continue
             frame = json.loads(event["text"])
-            bodies = [frame["messages"][0]["body"]]
-            ids = await commit(bodies) if durable else await commit_on_thread(bodies) if threaded else [1]
-            pushed, confirm = pushed_and_confirm(frame, ids[0])
-            for deliver in _consumers:
-                await deliver({"type": "websocket.send", "text": pushed})
-            await send({"type": "websocket.send", "text": confirm})
+            if threaded:  # read on while it commits; pushed and confirmed when its round returns
+                task = asyncio.ensure_future(_relay_when_committed(frame, send))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                continue
+            ids = await commit([frame["messages"][0]["body"]]) if durable else [1]
+            await _push_and_confirm(frame, ids[0], send)
     finally:
         if consumer:
             _consumers.remove(send)
+
+
+async def _relay_when_committed(frame: dict[str, Any], send: Send) -> None:
+    await _push_and_confirm(frame, await _threaded.commit(frame["messages"][0]["body"]), send)
+
+
+async def _push_and_confirm(frame: dict[str, Any], message_id: int, send: Send) -> None:
+    pushed, confirm = pushed_and_confirm(frame, message_id)
+    for deliver in _consumers:
+        await deliver({"type": "websocket.send", "text": pushed})
+    await send({"type": "websocket.send", "text": confirm})
 
 
 BARE_APP = "bench.daphne_ceiling:application"

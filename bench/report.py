@@ -30,7 +30,7 @@ FLOOR_SINGLE = "durable 1 per request, 8 clients: bare app, group commit"
 FLOOR_BATCH = "durable batch 100: bare app, one INSERT per request"
 FLOOR_ASGI_RELAY = "latency: bare ASGI relay, commit each message"
 FLOOR_RELAY = "latency: channels consumer relay, commit each message"
-FLOOR_THREADED_RELAY = "latency: bare ASGI relay, commit each message on a thread"
+FLOOR_THREADED_RELAY = "latency: bare ASGI relay, group commit on a thread"
 COMPARE = {
     "durable publish, 1 per request": [RMQ_CONFIRM, PG_SINGLE],
     "durable publish, batch 100": [RMQ_TX, PG_MANY],

@@ -120,9 +120,9 @@ def stages(peg: pegasus.Pegasus, scale: Scale, results: list[Result]) -> list[St
             "floor: latency, channels relay",
             lambda: asyncio.to_thread(floors.relay_floor, scale, app=floors.CHANNELS_APP),
         ),
-        # What committing on a thread, as Pegasus's round does, costs a relay by itself.
+        # Pegasus's design for a WebSocket publish (group commit on a thread), and nothing else.
         (
-            "floor: latency, ASGI relay, commit on a thread",
+            "floor: latency, ASGI relay, group commit on a thread",
             lambda: asyncio.to_thread(floors.relay_floor, scale, threaded=True),
         ),
         ("floor: 1 per request, no commit", lambda: asyncio.to_thread(floors.single_floor, scale, durable=False)),
