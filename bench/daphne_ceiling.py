@@ -109,40 +109,6 @@ async def commit_on_thread(bodies: list[str]) -> list[int]:
     return await asyncio.get_running_loop().run_in_executor(_commit_thread, commit_here, bodies)
 
 
-class ThreadedGroupCommit:
-    """Bodies that arrive while a round commits go together in the next round, on the commit
-    thread: one round in flight, as messaging/group_commit.py has by default."""
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[str, asyncio.Future[int]]] = []
-        self._rounds: asyncio.Future[None] | None = None
-
-    async def commit(self, body: str) -> int:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((body, future))
-        if self._rounds is None:
-            self._rounds = asyncio.ensure_future(self._run())
-        return await future
-
-    async def _run(self) -> None:
-        try:
-            while self._pending:
-                round_, self._pending = self._pending, []
-                try:
-                    ids = await commit_on_thread([body for body, _ in round_])
-                except Exception as exc:  # every publish of the round fails
-                    for _, future in round_:
-                        future.set_exception(exc)
-                    continue
-                for (_, future), id_ in zip(round_, ids, strict=True):
-                    future.set_result(id_)
-        finally:
-            self._rounds = None
-
-
-_threaded = ThreadedGroupCommit()
-
-
 async def commit(bodies: list[str], connection: psycopg.AsyncConnection[Any] | None = None) -> list[int]:
     """Insert and commit one message (and its delivery) per body; their ids."""
     cursor = await (connection or await database()).execute(INSERT_BATCH, (bodies,), prepare=True)
@@ -172,21 +138,57 @@ class GroupCommit:
         try:
             if connection is None:
                 connection = await psycopg.AsyncConnection.connect(bench_url(), autocommit=True)
+            lane = connection
             while self._pending:
                 round_, self._pending = self._pending, []
-                try:
-                    ids = await commit([body for body, _ in round_], connection)
-                except Exception as exc:  # every request of the round answers 500
-                    for _, future in round_:
-                        future.set_exception(exc)
-                    continue
-                for (_, future), id_ in zip(round_, ids, strict=True):
-                    future.set_result(id_)
+                await _answer(round_, lambda bodies: commit(bodies, lane))  # an error: each request 500
         finally:
             self._idle.append(connection)
 
 
 _grouped = GroupCommit()
+
+
+class ThreadedGroupCommit:
+    """Bodies that arrive while a round commits go together in the next round, on the commit
+    thread: one round in flight, as messaging/group_commit.py has by default."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, asyncio.Future[int]]] = []
+        self._rounds: asyncio.Future[None] | None = None
+
+    async def commit(self, body: str) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((body, future))
+        if self._rounds is None:
+            self._rounds = asyncio.ensure_future(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                round_, self._pending = self._pending, []
+                await _answer(round_, commit_on_thread)
+        finally:
+            self._rounds = None
+
+
+async def _answer(
+    round_: list[tuple[str, asyncio.Future[int]]], write: Callable[[list[str]], Awaitable[list[int]]]
+) -> None:
+    """Commit a round's bodies with `write` and answer each caller with its id (or, if the
+    commit failed, every caller of the round with its error)."""
+    try:
+        ids = await write([body for body, _ in round_])
+    except Exception as exc:
+        for _, future in round_:
+            future.set_exception(exc)
+        return
+    for (_, future), id_ in zip(round_, ids, strict=True):
+        future.set_result(id_)
+
+
+_threaded = ThreadedGroupCommit()
 
 
 def pushed_and_confirm(frame: dict[str, Any], message_id: int) -> tuple[str, str]:
