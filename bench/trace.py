@@ -133,7 +133,7 @@ def wrappers() -> list[Wrapper]:
             lambda self, round_, **kw: mark(BACK, round_keys(round_)),
         ),
         (
-            group_commit, "_run_round_and_close",
+            group_commit, "_run_round_on_its_thread",
             lambda publishes, *a, **kw: mark(ROUND, _publish_keys(publishes)),
             lambda publishes, *a, **kw: mark(ROUND_DONE, _publish_keys(publishes)),
         ),

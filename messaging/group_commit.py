@@ -10,7 +10,7 @@ results, or the error it alone caused (a refused access check, a bad message).
 
 REST publish views and the WebSocket consumer call `await group_commit.publish(...)` where they
 would call `await database_sync_to_async(broker.publish)(...)`. A round is one hop, on a thread
-of its own (see _ROUND_THREAD); the connection goes back to the pool after it.
+of its own (see _ROUND_THREAD), which keeps its connection from one round to the next.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import IntegrityError, close_old_connections
+from django.db import IntegrityError, connection
 
 from messaging import access, broker, longpoll, write_behind
 from messaging.broker import destinations
@@ -162,14 +162,48 @@ async def _in_round_thread(publishes: Sequence[Publish]) -> list[list[broker.Pub
     what it adds (async_to_sync inside the hop) no round uses, and it cost ~0.1 ms a hop, a
     twentieth of a message's end-to-end latency (docs/performance.md, item 24)."""
     context = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(_ROUND_THREAD, context.run, _run_round_and_close, publishes)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_ROUND_THREAD, context.run, _run_round_on_its_thread, publishes)
 
 
-def _run_round_and_close(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] | Exception]:
+def _run_round_on_its_thread(publishes: Sequence[Publish]) -> list[list[broker.PublishResult] | Exception]:
     try:
         return run_round(publishes)
     finally:
-        close_old_connections()  # give the connection back to the pool (CONN_MAX_AGE=0)
+        keep_connection_if_usable()
+
+
+def keep_connection_if_usable() -> None:
+    """After a round, on its thread: keep the connection for the next round, unless it may be
+    broken or was left in a transaction (then it is closed: back to the pool, or dropped).
+
+    The round thread is the one thread of the process that needs a connection for every
+    durable publish, so it keeps one of the pool's for good, past CONN_MAX_AGE, rather than
+    giving it back after each round and borrowing it again before the next: that cost about
+    0.1 ms of CPU a round (docs/performance.md, item 31). A connection that PostgreSQL dropped
+    while it was kept fails its round's statement, which answers 503 and closes it here, as a
+    connection borrowed from the pool does (no health check on borrowing: pegasus_site/settings.py)."""
+    global _kept
+    if connection.connection is not None:
+        connection.close_at = None
+        connection.close_if_unusable_or_obsolete()
+        _kept = True
+
+
+_kept = False  # the round thread may hold a connection
+
+
+def release_round_connection() -> None:
+    """Give the round thread's connection back to the pool (tests do, before their database is
+    flushed or dropped)."""
+    global _kept
+    if _kept:
+        _ROUND_THREAD.submit(_close_connection).result()
+        _kept = False
+
+
+def _close_connection() -> None:
+    connection.close()
 
 
 def run_round(

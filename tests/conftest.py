@@ -80,6 +80,16 @@ def _stop_listener() -> Iterator[None]:
     listener.stop()
 
 
+@pytest.fixture(autouse=True)
+def _release_round_connection() -> Iterator[None]:
+    """The group-commit round thread keeps its connection between rounds; a test gives it back,
+    or the test database cannot be dropped."""
+    yield
+    from messaging import group_commit
+
+    group_commit.release_round_connection()
+
+
 @pytest.fixture
 def on_postgres() -> bool:
     return connection.vendor == "postgresql"
