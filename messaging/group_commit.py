@@ -181,8 +181,9 @@ def keep_connection_if_usable() -> None:
     durable publish, so it keeps one of the pool's for good, past CONN_MAX_AGE, rather than
     giving it back after each round and borrowing it again before the next: that cost 79,000
     instructions of a one-message round's 1,004,500 (callgrind; docs/performance.md, item 31).
-    A connection that PostgreSQL dropped while it was kept fails its round's statement, which answers 503 and closes it here, as a
-    connection borrowed from the pool does (no health check on borrowing: pegasus_site/settings.py)."""
+    A connection that PostgreSQL dropped while it was kept fails its round's statement, which
+    answers 503 and closes it here, as a connection borrowed from the pool does (no health
+    check on borrowing: pegasus_site/settings.py)."""
     global _kept
     if connection.connection is not None:
         connection.close_at = None
